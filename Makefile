@@ -1,0 +1,34 @@
+# Two entry points, both self-installing on a fresh machine:
+#   make demo   - the main job: build an example trajectory and average it
+#   make test   - the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# Installed only when the venv has no torch yet. A bare "torch" requirement on a machine without
+# torch pulls the CUDA build (several GB); 2.13.0 resolves to the CPU wheel on our machines.
+# Elsewhere: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test
+PY := $(VENV)/bin/python
+DEMO_OUT ?= example
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/ckptavg demo --out $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_merge.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) *.egg-info

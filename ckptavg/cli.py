@@ -1,0 +1,187 @@
+"""``ckptavg`` command line: each command parses flags, calls one library function, prints.
+
+Only click and light modules are imported at start-up; numpy/torch load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ._version import __version__
+from .errors import CkptavgError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(fn: F) -> F:
+    """Expected bad input → one line on stderr and exit 1, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CkptavgError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _int_list(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckptavg")
+def cli() -> None:
+    """Average a training run's checkpoints: uniform, weighted, EMA and LAWA windows,
+    streamed one tensor at a time in bounded memory."""
+
+
+@cli.command("list")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly_errors
+def list_cmd(path: str, as_json: bool) -> None:
+    """List the checkpoints of a run: step, format, size, dtype."""
+    from .discovery import discover
+
+    traj = discover(path)
+    rows = []
+    for c in traj:
+        dtypes = sorted({t.dtype.name for t in (c.tensors or {}).values()})
+        rows.append({
+            "step": c.step, "format": c.format, "size": c.size, "dtypes": dtypes,
+            "tensors": len(c.tensors or {}), "location": c.location,
+        })
+    if as_json:
+        click.echo(json.dumps({"trajectory": traj.name, "checkpoints": rows}, indent=2))
+        return
+    click.echo(f"{traj.name}: {len(rows)} checkpoints")
+    click.echo(f"{'step':>10}  {'format':<11} {'size':>9}  {'dtype':<9} location")
+    for r in rows:
+        click.echo(f"{r['step']:>10}  {r['format']:<11} {_human(r['size']):>9}  {','.join(r['dtypes']):<9} {r['location']}")
+
+
+def _default_out(root: str, method: str, k: int, last_step: int, decay: float | None, half_life: float | None) -> Path:
+    base = Path(root).resolve()
+    if method == "ema":
+        tag = f"ema-h{half_life:g}" if half_life is not None else f"ema{decay:g}"
+    else:
+        tag = f"{method}{k}"
+    return base.parent / f"{base.name}-{tag}-step{last_step}"
+
+
+@cli.command()
+@click.argument("path")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory [default: <run>-<method><k>-step<S> beside the run].")
+@click.option("--window", "-k", type=int, help="Average the latest k checkpoints (LAWA).")
+@click.option("--at", type=int, help="Take the window that ends at this step.")
+@click.option("--from", "start", type=int, help="First step to consider (inclusive).")
+@click.option("--to", "stop", type=int, help="Last step to consider (inclusive).")
+@click.option("--every", type=int, help="Keep every n-th checkpoint (counted back from the newest).")
+@click.option("--steps", help="Exactly these steps, comma-separated.")
+@click.option("--method", "-m", default="uniform", show_default=True, help="uniform, weighted or ema.")
+@click.option("--weights", help="weighted: one weight per selected checkpoint, comma-separated.")
+@click.option("--decay", type=float, help="ema: decay per checkpoint, e.g. 0.9.")
+@click.option("--half-life", type=float, help="ema: half-life in training steps (handles irregular spacing).")
+@click.option("--dtype", help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
+@click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--max-shard-size", help="Shard the output, e.g. 5GB, with model.safetensors.index.json.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output directory.")
+@click.option("--hash", "hash_inputs", is_flag=True, help="Record each input file's sha256 in ckptavg.json.")
+@click.option("--allow-nonfinite", is_flag=True, help="Average tensors with NaN/Inf instead of refusing.")
+@click.option("--dry-run", is_flag=True, help="Show the selection and weights; read no tensor data.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@_friendly_errors
+def merge(path: str, out: Path | None, window: int | None, at: int | None, start: int | None, stop: int | None,
+          every: int | None, steps: str | None, method: str, weights: str | None, decay: float | None,
+          half_life: float | None, dtype: str | None, accumulate: str, max_shard_size: str | None, force: bool,
+          hash_inputs: bool, allow_nonfinite: bool, dry_run: bool, quiet: bool, as_json: bool) -> None:
+    """Average checkpoints of the run at PATH into one HF-loadable directory.
+
+    \b
+    Examples:
+      ckptavg merge runs/pythia-tiny --window 5
+      ckptavg merge runs/pythia-tiny --window 5 --at 20000
+      ckptavg merge runs/pythia-tiny --method ema --half-life 2000
+    """
+    from . import methods
+    from .discovery import discover
+    from .engine import average
+    from .selection import Selection
+
+    traj = discover(path)
+    sel = Selection(window, at, start, stop, every, _int_list(steps)).apply(traj)
+    wlist = _float_list(weights)
+    w = methods.weights(method, sel.steps, weights=wlist, decay=decay, half_life=half_life)
+    target = out or _default_out(traj.root, method, len(sel), sel.steps[-1] if len(sel) else 0, decay, half_life)
+    summary: dict[str, Any] = {"output": str(target), "method": method, "steps": sel.steps, "weights": w}
+    if not dry_run:
+        average(sel, target, method=method, weights=wlist, decay=decay, half_life=half_life, dtype=dtype,
+                accumulate=accumulate, max_shard_size=max_shard_size, force=force,  # type: ignore[arg-type]
+                hash_inputs=hash_inputs, allow_nonfinite=allow_nonfinite, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(summary | {"dry_run": dry_run}, indent=2))
+        return
+    verb = "would write" if dry_run else "wrote"
+    click.echo(f"{verb} {target}: {method} of {len(sel)} checkpoints, steps {sel.steps[0]}..{sel.steps[-1]}")
+    if dry_run:
+        for s, x in zip(sel.steps, w):
+            click.echo(f"  step {s:>10}  weight {x:.6f}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("example"), show_default=True,
+              help="Folder for the example run and its average.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def demo(out: Path, quiet: bool) -> None:
+    """Build a small GPT-NeoX run (8 checkpoints) and average its last 5 with `merge`."""
+    from .demo import run_demo
+
+    for line in run_demo(out, progress=not quiet):
+        click.echo(line)
+
+
+def main() -> None:
+    cli(prog_name="ckptavg")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Tensor dtypes, named as the safetensors format names them.
+
+The engine works on raw numpy buffers so that the safetensors path never imports torch
+(``import torch`` alone costs ~1.25 s and ~225 MB). numpy has no bfloat16, so BF16 is carried as
+uint16 bit patterns and converted by hand (``bf16_to_f32`` / ``f32_to_bf16``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str  # safetensors spelling, e.g. "BF16"
+    itemsize: int
+    storage: np.dtype  # numpy dtype with the same bytes (BF16 -> uint16)
+    floating: bool
+    torch_name: str  # attribute of the torch module
+
+
+def _d(name: str, itemsize: int, storage: str, floating: bool, torch_name: str) -> DType:
+    return DType(name, itemsize, np.dtype(storage).newbyteorder("<"), floating, torch_name)
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        _d("F64", 8, "f8", True, "float64"),
+        _d("F32", 4, "f4", True, "float32"),
+        _d("F16", 2, "f2", True, "float16"),
+        _d("BF16", 2, "u2", True, "bfloat16"),
+        _d("I64", 8, "i8", False, "int64"),
+        _d("I32", 4, "i4", False, "int32"),
+        _d("I16", 2, "i2", False, "int16"),
+        _d("I8", 1, "i1", False, "int8"),
+        _d("U64", 8, "u8", False, "uint64"),
+        _d("U32", 4, "u4", False, "uint32"),
+        _d("U16", 2, "u2", False, "uint16"),
+        _d("U8", 1, "u1", False, "uint8"),
+        _d("BOOL", 1, "u1", False, "bool"),
+        # fp8 can be stored and copied, not averaged (numpy cannot compute in it).
+        _d("F8_E4M3", 1, "u1", False, "float8_e4m3fn"),
+        _d("F8_E5M2", 1, "u1", False, "float8_e5m2"),
+    )
+}
+
+_ALIASES = {
+    "float64": "F64", "fp64": "F64", "double": "F64",
+    "float32": "F32", "fp32": "F32", "float": "F32",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+}
+
+
+def parse_dtype(text: str) -> DType:
+    """A user-facing dtype name (``bf16``, ``float32``, ``F16`` …) -> DType (floating only)."""
+    key = _ALIASES.get(text.lower(), text.upper())
+    d = DTYPES.get(key)
+    if d is None or not d.floating:
+        raise ValueError(f"unknown output dtype {text!r}; use one of float32, float16, bfloat16, float64")
+    return d
+
+
+def from_torch(torch_dtype: object) -> DType:
+    name = str(torch_dtype).removeprefix("torch.")
+    for d in DTYPES.values():
+        if d.torch_name == name:
+            return d
+    raise ValueError(f"unsupported torch dtype {name}")
+
+
+def bf16_to_f32(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bit patterns -> float32 into ``out`` (same length). Exact."""
+    u = out.view(np.uint32)
+    np.left_shift(bits, 16, out=u, dtype=np.uint32)
+    return out
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounding to nearest even as torch does; NaN stays NaN."""
+    u = x.view(np.uint32)
+    r = u + (((u >> 16) & 1) + np.uint32(0x7FFF))  # wraps only for NaN payloads, fixed below
+    r >>= 16
+    res = r.astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        res[nan] = (u[nan] >> 16).astype(np.uint16) | np.uint16(0x0040)
+    return res
+
+
+def to_accumulator(raw: np.ndarray, dtype: DType, out: np.ndarray) -> np.ndarray:
+    """Raw stored values -> the accumulator dtype, written into ``out``."""
+    if dtype.name == "BF16":
+        if out.dtype == np.float32:
+            return bf16_to_f32(raw, out)
+        tmp = bf16_to_f32(raw, np.empty(raw.shape, np.float32))
+        np.copyto(out, tmp)
+        return out
+    np.copyto(out, raw, casting="unsafe")
+    return out
+
+
+def from_accumulator(acc: np.ndarray, dtype: DType) -> np.ndarray:
+    """Accumulator values -> raw stored values of ``dtype`` (a new array)."""
+    if dtype.name == "BF16":
+        return f32_to_bf16(acc if acc.dtype == np.float32 else acc.astype(np.float32))
+    return acc.astype(dtype.storage)

@@ -1,0 +1,145 @@
+"""Where averaged tensors go: a sharded safetensors directory, or a state dict in memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import CkptavgError
+from .safetensors import SafetensorsWriter, TensorInfo, plan_shards, shard_names, write_index
+
+
+class Sink(Protocol):
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        """Raw values for elements [start, start + len(values)) of flattened tensor ``name``."""
+
+
+class SafetensorsDirSink:
+    """Writes ``model.safetensors`` (or HF-named shards plus ``model.safetensors.index.json``)."""
+
+    def __init__(self, directory: Path, entries: Sequence[TensorInfo], max_shard_size: int | None = None) -> None:
+        self.directory = directory
+        shards = plan_shards(entries, max_shard_size)
+        names = shard_names(len(shards))
+        self.files = [directory / n for n in names]
+        self._writers: list[SafetensorsWriter] = []
+        self._route: dict[str, SafetensorsWriter] = {}
+        try:
+            for path, shard in zip(self.files, shards):
+                w = SafetensorsWriter(path, shard)
+                self._writers.append(w)
+                for t in shard:
+                    self._route[t.name] = w
+        except BaseException:
+            self.close()
+            raise
+        if len(shards) > 1:
+            write_index(directory / "model.safetensors.index.json", zip(names, shards))
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        self._route[name].write(name, start, values)
+
+    def close(self, fsync: bool = False) -> None:
+        for w in self._writers:
+            w.close(fsync)
+
+
+class StateDictSink:
+    """Collects the averaged tensors in memory; ``state_dict()`` returns torch tensors."""
+
+    def __init__(self, entries: Sequence[TensorInfo]) -> None:
+        self.entries = list(entries)
+        self.arrays = {t.name: np.empty(t.numel, t.dtype.storage) for t in entries}
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        self.arrays[name][start : start + len(values)] = values
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        out = {}
+        for t in self.entries:
+            x = torch.from_numpy(self.arrays.pop(t.name))
+            if t.dtype.name in ("BF16", "BOOL") or t.dtype.name.startswith("F8"):
+                x = x.view(getattr(torch, t.dtype.torch_name))
+            out[t.name] = x.reshape(t.shape)
+        return out
+
+
+_TMP_TAG = ".ckptavg-tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove temporaries that crashed runs left beside ``out`` (their process is gone)."""
+    removed = []
+    prefix = f".{out.name}{_TMP_TAG}"
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        if p.name.startswith(prefix):
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def check_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an output that would overwrite work or land inside an input, before any work."""
+    target = out.resolve()
+    for p in inputs:
+        src = Path(p).resolve()
+        if target == src or src in target.parents:
+            raise CkptavgError(f"{out}: output would be written inside the input {p}; choose another -o")
+        if target in src.parents and force:
+            raise CkptavgError(f"{out}: output contains the input {p}; --force would delete it")
+    if out.exists():
+        if not out.is_dir():
+            raise CkptavgError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not force:
+            raise CkptavgError(f"{out}: already exists and is not empty; use --force to replace it")
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it is renamed to ``out``, on any error
+    (or a kill) nothing appears at ``out``. A leftover temporary is hidden (dot name) and is
+    removed by the next run once its process is gone."""
+    out = Path(os.path.abspath(out))
+    check_output(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise CkptavgError(f"{out}: cannot create output: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.ckptavg-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

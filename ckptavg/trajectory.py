@@ -1,0 +1,131 @@
+"""Checkpoint and Trajectory: pure data, no I/O.
+
+A Trajectory is the ordered list of checkpoints of one run, and every selection on it (last k,
+the window ending at a step, a step range, every n-th, explicit steps) returns another Trajectory,
+so selections compose: ``traj.between(0, 5000).every(2).last(5)``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, overload
+
+from .errors import CkptavgError
+
+if TYPE_CHECKING:
+    from .io.safetensors import TensorInfo
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved model of a run.
+
+    ``files`` are the weight files (several for a sharded checkpoint, in shard order); ``tensors``
+    are names → dtype/shape read from headers (None until known, e.g. for a Hub revision not yet
+    downloaded); ``config_dir`` is where config and tokenizer files sit next to the weights.
+    """
+
+    step: int
+    location: str
+    format: str  # "safetensors" or "torch"
+    files: tuple[Path, ...] = ()
+    index: Path | None = None
+    config_dir: Path | None = None
+    tensors: Mapping[str, TensorInfo] | None = field(default=None, compare=False, repr=False)
+    size: int = 0  # bytes of weight files
+
+    def __str__(self) -> str:
+        return f"step {self.step} ({self.location})"
+
+
+@dataclass(frozen=True)
+class Trajectory(Sequence[Checkpoint]):
+    """Checkpoints of one run, sorted by step; steps are unique."""
+
+    name: str
+    checkpoints: tuple[Checkpoint, ...]
+    root: str = ""
+
+    def __post_init__(self) -> None:
+        steps = [c.step for c in self.checkpoints]
+        if steps != sorted(steps):
+            object.__setattr__(self, "checkpoints", tuple(sorted(self.checkpoints, key=lambda c: c.step)))
+        seen: dict[int, Checkpoint] = {}
+        for c in self.checkpoints:
+            if c.step in seen:
+                raise CkptavgError(f"duplicate step {c.step}: {seen[c.step].location} and {c.location}")
+            seen[c.step] = c
+
+    # Sequence protocol ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    @overload
+    def __getitem__(self, i: int) -> Checkpoint: ...
+    @overload
+    def __getitem__(self, i: slice) -> Trajectory: ...
+    def __getitem__(self, i: int | slice) -> Checkpoint | Trajectory:
+        if isinstance(i, slice):
+            return self._with(self.checkpoints[i])
+        return self.checkpoints[i]
+
+    def __iter__(self) -> Iterator[Checkpoint]:
+        return iter(self.checkpoints)
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    def _with(self, checkpoints: Iterable[Checkpoint]) -> Trajectory:
+        return replace(self, checkpoints=tuple(checkpoints))
+
+    # Selections ----------------------------------------------------------------------------
+    def at(self, step: int) -> Checkpoint:
+        """The checkpoint saved at exactly ``step``."""
+        for c in self.checkpoints:
+            if c.step == step:
+                return c
+        raise CkptavgError(f"{self.name}: no checkpoint at step {step}; {self._near(step)}")
+
+    def _near(self, step: int) -> str:
+        steps = self.steps
+        if not steps:
+            return "the trajectory is empty"
+        i = bisect.bisect_left(steps, step)
+        near = sorted({steps[j] for j in (i - 1, i) if 0 <= j < len(steps)})
+        return "nearest: " + ", ".join(map(str, near))
+
+    def last(self, k: int) -> Trajectory:
+        """The latest ``k`` checkpoints (LAWA's window)."""
+        if k < 1:
+            raise CkptavgError(f"window must be at least 1, got {k}")
+        if k > len(self):
+            raise CkptavgError(f"{self.name}: window {k} needs {k} checkpoints, the selection has {len(self)}")
+        return self._with(self.checkpoints[-k:])
+
+    def window(self, k: int, at: int | None = None) -> Trajectory:
+        """The ``k`` checkpoints ending at step ``at`` (default: the newest)."""
+        sel = self if at is None else self.between(None, at)
+        if at is not None:
+            self.at(at)
+        return sel.last(k)
+
+    def between(self, start: int | None = None, stop: int | None = None) -> Trajectory:
+        """Checkpoints with ``start <= step <= stop`` (both inclusive, either open)."""
+        return self._with(
+            c for c in self.checkpoints
+            if (start is None or c.step >= start) and (stop is None or c.step <= stop)
+        )
+
+    def every(self, n: int) -> Trajectory:
+        """Every ``n``-th checkpoint, counted back from the newest so the newest is kept."""
+        if n < 1:
+            raise CkptavgError(f"--every must be at least 1, got {n}")
+        return self._with(self.checkpoints[::-1][::n][::-1])
+
+    def select(self, steps: Iterable[int]) -> Trajectory:
+        """Exactly these steps; each must exist."""
+        return self._with(self.at(s) for s in sorted(set(steps)))
