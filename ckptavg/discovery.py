@@ -239,6 +239,26 @@ def _single(path: Path, step: int | None) -> Checkpoint | None:
     return _checkpoint(path, s or 0, fmt, files, index, path)
 
 
+_STANDARD = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def _has_standard_weights(d: Path) -> bool:
+    return any((d / n).is_file() for n in _STANDARD)
+
+
+def _looks_like_run(d: Path) -> bool:
+    """Some child is a step-numbered checkpoint directory or weight file."""
+    for c in _listdir(d):
+        if c.name.startswith("."):
+            continue
+        step, _ = parse_step(c.name)
+        if step is not None and (c.name.lower().endswith(WEIGHT_EXT) or _is_dir(c)):
+            return True
+        if _is_dir(c) and (c / "trainer_state.json").is_file():
+            return True
+    return False
+
+
 def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
     """Find the checkpoints of a run.
 
@@ -263,7 +283,7 @@ def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
     if not root.exists():
         raise CkptavgError(f"{root}: no such file or directory")
     name = root.resolve().name or str(root)
-    if root.is_file() or find_weights(root) is not None:
+    if root.is_file() or _has_standard_weights(root) or (not _looks_like_run(root) and find_weights(root)):
         ckpt = _single(root, None)
         assert ckpt is not None
         return Trajectory(name, (ckpt,), str(root))

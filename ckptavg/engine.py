@@ -82,13 +82,14 @@ def stream(
     accumulate: str = "float32",
     allow_nonfinite: bool = False,
     on_bytes: Callable[[int], object] | None = None,
-    chunk: int = CHUNK_ELEMS,
+    chunk: int | None = None,
 ) -> None:
     """Average ``readers`` with ``weights`` tensor by tensor into ``sink``.
 
     ``plan`` lists the tensors (name, input dtype, shape) in the order to process them; the last
     reader is the newest checkpoint, the source of non-floating tensors.
     """
+    chunk = chunk or CHUNK_ELEMS
     acc_dtype = ACCUMULATORS[accumulate]
     active = [i for i, w in enumerate(weights) if w != 0.0]
     uniform = len({weights[i] for i in active}) == 1
@@ -169,9 +170,9 @@ def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]
         # The config's dtype tells from_pretrained(dtype="auto") what the weights are.
         cfg_path = dst / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        for key in ("torch_dtype", "dtype"):
-            if key in cfg:
-                cfg[key] = dtype.torch_name
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]  # 4.x and 5.x both read torch_dtype
+        for key in keys:
+            cfg[key] = dtype.torch_name
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     return copied
 

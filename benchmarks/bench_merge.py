@@ -1,0 +1,336 @@
+"""Benchmark ``ckptavg merge`` against a naive in-memory average, mergekit and a plain read.
+
+Builds (once, cached under --work) a trajectory of K checkpoints of a ~134M-parameter
+Llama-shaped fp32 model (~512 MB of safetensors each), then times, side by side, each contender
+in its own subprocess under ``/usr/bin/time -v`` (wall clock and peak RSS), with the page cache
+warmed identically before every run. A second part checks that ckptavg's peak RSS stays flat as
+k grows (k = 2, 5, 20; the k = 20 run is made of hard links, so it costs no disk).
+
+    python benchmarks/bench_merge.py [--work bench-work] [--repeats 3]   (or: make bench)
+
+Prints one table and writes it as JSON to <work>/bench_merge.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+# --- knobs -----------------------------------------------------------------------------------
+# Llama shape with ~134M parameters (untied embeddings): big enough that a full in-memory load
+# costs real RAM (k x 512 MB) and that streaming vs. loading shows up, small enough that K copies
+# fit in ~2.6 GB of disk and the whole benchmark runs in minutes on a 2-core CPU box.
+MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+             intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False)
+K = 5                      # checkpoints in the trajectory and in the main comparison: a typical LAWA window
+STEP_EVERY = 1000          # step spacing of the fake run: gives dirs step1000 ... step5000
+SEED = 0                   # fixed init and noise, so every build produces identical files
+NOISE = 1e-3               # per-step random-walk noise: tiny next to init weights, but makes every checkpoint differ
+TOKENIZER_VOCAB = 512      # tiny BPE: mergekit only copies tokenizer files, their vocab size is irrelevant here
+REPEATS = 3                # runs per contender: median wall time damps noise; max RSS is the worst seen
+SCALING_K = (2, 5, 20)     # ckptavg's peak RSS should not grow with k; 20 is a long EMA/LAWA window
+READ_BLOCK = 8 << 20       # 8 MiB blocks for cache warming: large enough to run at memory bandwidth
+MERGEKIT_SHARD = "5B"      # mergekit's --out-shard-size counts parameters; 5B > 134M keeps one output file
+CHECK_TENSORS = ("model.embed_tokens.weight", "model.layers.5.self_attn.q_proj.weight",
+                 "model.layers.11.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
+                           # sanity check: first, middle, last tensors and a 1-D norm
+ATOL = 1e-6                # fp32 sums of 5 values ~0.02 in different order differ by a few ulp (~1e-9)
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+GNU_TIME = "/usr/bin/time"
+MERGEKIT_DEFAULT = "/tmp/venv-mk/bin/mergekit-yaml"
+MERGEKIT_INSTALL = "python -m venv bench-work/venv-mk && bench-work/venv-mk/bin/pip install torch==2.13.0 mergekit"
+
+NAIVE_SCRIPT = textwrap.dedent('''\
+    """Naive average: load every state dict fully, stack, mean, save."""
+    import sys
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out, inputs = sys.argv[1], sys.argv[2:]
+    sds = [load_file(p) for p in inputs]
+    avg = {name: torch.stack([sd[name] for sd in sds]).mean(0) for name in sds[-1]}
+    save_file(avg, out, metadata={"format": "pt"})
+''')
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- building the trajectory -----------------------------------------------------------------
+
+def build_signature() -> dict:
+    return {"model": MODEL, "k": K, "every": STEP_EVERY, "seed": SEED, "noise": NOISE,
+            "tokenizer_vocab": TOKENIZER_VOCAB}
+
+
+def step_dirs(run: Path, k: int) -> list[Path]:
+    return [run / f"step{STEP_EVERY * i}" for i in range(1, k + 1)]
+
+
+def build_tokenizer():
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(SEED)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    text = [" ".join(rng.choice(words) for _ in range(20)) for _ in range(2000)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def build_run(work: Path) -> Path:
+    run = work / "run"
+    stamp = run / ".bench-build.json"
+    sig = build_signature()
+    if stamp.is_file() and json.loads(stamp.read_text()) == sig and all(
+            (d / "model.safetensors").is_file() for d in step_dirs(run, K)):
+        return run
+    log(f"building {K} checkpoints of a Llama-shaped model under {run} (once) ...")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    torch.manual_seed(SEED)
+    config = LlamaConfig(**MODEL, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokenizer = build_tokenizer()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for d in step_dirs(run, K):
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype), alpha=NOISE)
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+            log(f"  {d.name}: {n_params / 1e6:.1f}M params, {(d / 'model.safetensors').stat().st_size / 1e6:.0f} MB")
+    stamp.write_text(json.dumps(sig))
+    return run
+
+
+def build_linked_run(work: Path, run: Path, k: int) -> Path:
+    """A run of k checkpoints made of hard links to the K real ones (no extra disk)."""
+    linked = work / f"run-k{k}"
+    stamp = linked / ".bench-build.json"
+    sig = {"source": str(run.resolve()), "k": k, **build_signature()}
+    if stamp.is_file() and json.loads(stamp.read_text()) == sig:
+        return linked
+    if linked.exists():
+        shutil.rmtree(linked)
+    linked.mkdir(parents=True)
+    sources = step_dirs(run, K)
+    for i, d in enumerate(step_dirs(linked, k)):
+        src = sources[i % K]
+        d.mkdir()
+        for f in src.iterdir():
+            os.link(f, d / f.name)
+    stamp.write_text(json.dumps(sig))
+    return linked
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+def warm_cache(files: list[Path]) -> None:
+    """Flush dirty pages from earlier outputs, then read every input once: same start for all."""
+    os.sync()
+    buf = bytearray(READ_BLOCK)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def parse_gnu_time(text: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) from ``/usr/bin/time -v`` output."""
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    if not rss or not wall:
+        raise RuntimeError(f"cannot parse /usr/bin/time output:\n{text}")
+    secs = 0.0
+    for part in wall.group(1).split(":"):
+        secs = secs * 60 + float(part)
+    return secs, int(rss.group(1)) * 1024 / 1e6
+
+
+def timed(cmd: list[str], tfile: Path, prepare=None) -> tuple[float, float]:
+    if prepare:
+        prepare()
+    # stdout goes to /dev/null: the read-only floor is `cat files`, whose output must not be kept
+    proc = subprocess.run([GNU_TIME, "-v", "-o", str(tfile), *cmd], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return parse_gnu_time(tfile.read_text())
+
+
+def measure(name: str, k: int, cmd: list[str], inputs: list[Path], work: Path, repeats: int,
+            clean: Path | None = None) -> dict:
+    walls, rsss = [], []
+    for r in range(repeats):
+        def prepare() -> None:
+            if clean is not None and clean.exists():
+                shutil.rmtree(clean) if clean.is_dir() else clean.unlink()
+            warm_cache(inputs)
+        wall, rss = timed(cmd, work / "time.txt", prepare)
+        walls.append(wall)
+        rsss.append(rss)
+        log(f"  {name:<10} k={k:<3} run {r + 1}/{repeats}: {wall:7.2f} s  {rss:8.0f} MB")
+    return {"contender": name, "k": k, "wall_s": statistics.median(walls), "walls_s": walls,
+            "peak_rss_mb": max(rsss)}
+
+
+def mergekit_config(dirs: list[Path]) -> str:
+    lines = ["merge_method: linear", "dtype: float32", "out_dtype: float32", "models:"]
+    for d in dirs:
+        lines += [f"  - model: {d.resolve()}", "    parameters:", "      weight: 1.0"]
+    return "\n".join(lines) + "\n"
+
+
+def find_weights(out: Path) -> list[Path]:
+    return sorted(out.glob("*.safetensors")) if out.is_dir() else [out]
+
+
+def sanity_check(reference: Path, others: dict[str, Path]) -> list[str]:
+    import torch
+    from safetensors import safe_open
+
+    def load(path: Path, names: tuple[str, ...]) -> dict:
+        got = {}
+        for f in find_weights(path):
+            with safe_open(str(f), "pt") as st:
+                for n in names:
+                    if n in st.keys():
+                        got[n] = st.get_tensor(n)
+        return got
+
+    ref = load(reference, CHECK_TENSORS)
+    lines = []
+    for label, path in others.items():
+        got = load(path, CHECK_TENSORS)
+        diffs = []
+        for n in CHECK_TENSORS:
+            if n not in got:
+                diffs.append(f"{n}: missing")
+                continue
+            a, b = ref[n], got[n].to(ref[n].dtype)
+            ok = a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=ATOL)
+            err = (a - b).abs().max().item() if a.shape == b.shape else float("nan")
+            diffs.append(f"{n.split('.', 1)[1] if n.startswith('model.') else n}: max|d|={err:.1e}{'' if ok else ' MISMATCH'}")
+        status = "OK" if all("MISMATCH" not in d and "missing" not in d for d in diffs) else "FAILED"
+        lines.append(f"sanity {label} vs naive: {status} ({'; '.join(diffs)})")
+    return lines
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=REPO / "bench-work",
+                    help="work dir for checkpoints and outputs [default: <repo>/bench-work]")
+    ap.add_argument("--repeats", type=int, default=REPEATS)
+    ap.add_argument("--skip-mergekit", action="store_true")
+    args = ap.parse_args()
+    work: Path = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+
+    if not os.access(GNU_TIME, os.X_OK):
+        print(f"error: {GNU_TIME} (GNU time) is missing; it measures wall time and peak RSS.\n"
+              "install it with: sudo apt-get install -y time", file=sys.stderr)
+        return 2
+
+    bindir = Path(sys.executable).parent
+    ckptavg = [str(bindir / "ckptavg")] if (bindir / "ckptavg").is_file() else [sys.executable, "-m", "ckptavg"]
+    mergekit = os.environ.get("MERGEKIT_YAML", MERGEKIT_DEFAULT)
+    if args.skip_mergekit:
+        mergekit = None
+    elif not os.access(mergekit, os.X_OK):
+        print(f"mergekit-yaml not found at {mergekit} (set MERGEKIT_YAML); skipping the mergekit row.\n"
+              f"install it with: {MERGEKIT_INSTALL}", file=sys.stderr)
+        mergekit = None
+
+    run = build_run(work)
+    dirs = step_dirs(run, K)
+    inputs = [d / "model.safetensors" for d in dirs]
+    naive_py = work / "naive_average.py"
+    naive_py.write_text(NAIVE_SCRIPT)
+    outs = {n: work / f"out-{n}" for n in ("ckptavg", "naive", "mergekit")}
+    rows: list[dict] = []
+
+    log(f"main comparison: k={K}, {sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB of inputs, "
+        f"{args.repeats} runs each, warm page cache")
+    rows.append(measure("ckptavg", K, [*ckptavg, "merge", str(run), "--window", str(K), "-o", str(outs["ckptavg"]),
+                                       "--quiet", "--force"], inputs, work, args.repeats))
+    outs["naive"].mkdir(exist_ok=True)
+    rows.append(measure("naive", K, [sys.executable, str(naive_py), str(outs["naive"] / "model.safetensors"),
+                                     *map(str, inputs)], inputs, work, args.repeats))
+    mergekit_error = None
+    if mergekit:
+        cfg = work / "mergekit.yml"
+        cfg.write_text(mergekit_config(dirs))
+        try:
+            rows.append(measure("mergekit", K, [mergekit, str(cfg), str(outs["mergekit"]), "--no-cuda",
+                                                "--out-shard-size", MERGEKIT_SHARD, "--copy-tokenizer", "--quiet"],
+                                inputs, work, args.repeats, clean=outs["mergekit"]))
+        except RuntimeError as e:
+            mergekit_error = str(e)
+            log(f"mergekit failed; its row is skipped:\n{e}")
+    rows.append(measure("read-only", K, ["cat", *map(str, inputs)], inputs, work, args.repeats))
+    checks = sanity_check(outs["naive"] / "model.safetensors",
+                          {"ckptavg": outs["ckptavg"], **({"mergekit": outs["mergekit"]}
+                                                          if mergekit and not mergekit_error else {})})
+
+    log("scaling: ckptavg peak RSS vs k")
+    for k in SCALING_K:
+        if k == K:
+            continue
+        src = run if k <= K else build_linked_run(work, run, k)
+        kin = [d / "model.safetensors" for d in step_dirs(src, k)][-k:]
+        rows.append(measure("ckptavg", k, [*ckptavg, "merge", str(src), "--window", str(k), "-o",
+                                           str(work / f"out-ckptavg-k{k}"), "--quiet", "--force"],
+                            kin, work, args.repeats))
+
+    base = {r["k"]: r["wall_s"] for r in rows if r["contender"] == "ckptavg"}
+    for r in rows:
+        r["ratio_to_ckptavg"] = r["wall_s"] / base[r["k"]] if r["k"] in base else None
+    rows.sort(key=lambda r: (r["k"] != K, r["k"], r["contender"] != "ckptavg"))
+
+    head = f"{'contender':<10} {'k':>3} {'wall median (s)':>16} {'ratio to ckptavg':>17} {'peak RSS (MB)':>14}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = f"{r['ratio_to_ckptavg']:.2f}x" if r["ratio_to_ckptavg"] is not None else "-"
+        print(f"{r['contender']:<10} {r['k']:>3} {r['wall_s']:>16.2f} {ratio:>17} {r['peak_rss_mb']:>14.0f}")
+    for line in checks:
+        print(line)
+    if mergekit_error:
+        print("mergekit: failed, row skipped (see stderr)")
+    result = {"model": MODEL, "k": K, "repeats": args.repeats, "input_bytes_k": sum(f.stat().st_size for f in inputs),
+              "rows": rows, "sanity": checks, "mergekit_error": mergekit_error,
+              "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    (work / "bench_merge.json").write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {work / 'bench_merge.json'}")
+    return 0 if all(" OK " in line for line in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

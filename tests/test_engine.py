@@ -1,0 +1,204 @@
+"""The streamed average equals an independent computation, for every input layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import ckptavg
+from ckptavg import engine
+from ckptavg.errors import CkptavgError
+from conftest import FORMATS, tiny_config
+
+
+def load_output(out: Path) -> dict[str, torch.Tensor]:
+    """Read an output directory back with safetensors itself (index-aware)."""
+    idx = out / "model.safetensors.index.json"
+    if idx.exists():
+        files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(out / f, framework="pt") as fh:
+            for k in fh.keys():
+                sd[k] = fh.get_tensor(k)
+    return sd
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMATS)
+def test_uniform_window_equals_stack_mean_for_every_format(make_run, tmp_path, fmt):
+    root, states = make_run(fmt, steps=(10, 20, 30, 40, 50, 60))
+    traj = ckptavg.discover(root)
+    assert traj.steps == [10, 20, 30, 40, 50, 60]
+    out = ckptavg.average(traj.window(4, at=50), tmp_path / "out", progress=False)
+    got = load_output(out)
+    for name in states[50]:
+        oracle = torch.stack([states[s][name] for s in (20, 30, 40, 50)]).mean(0)
+        assert torch.equal(got[name], oracle), name
+    man = json.loads((out / "ckptavg.json").read_text())
+    assert [i["step"] for i in man["inputs"]] == [20, 30, 40, 50]
+    assert [i["weight"] for i in man["inputs"]] == [0.25] * 4
+
+
+def test_window_of_five_random_values_close_to_float64_oracle(make_run, tmp_path):
+    root, states = make_run("safetensors", values="random")
+    out = ckptavg.average(ckptavg.discover(root).last(5), tmp_path / "o", progress=False)
+    got = load_output(out)
+    for name, t in got.items():
+        oracle = torch.stack([states[s][name].double() for s in states]).mean(0)
+        torch.testing.assert_close(t.double(), oracle, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_half_life_matches_closed_form_weights(make_run, tmp_path):
+    steps = (0, 1, 2, 4, 8, 16, 512, 1000)  # Pythia-like log spacing, then regular
+    root, states = make_run("safetensors", steps=steps, values="random")
+    h = 300.0
+    out = ckptavg.average(ckptavg.discover(root), tmp_path / "ema", method="ema", half_life=h, progress=False)
+    raw = [0.5 ** ((1000 - s) / h) for s in steps]
+    w = [x / sum(raw) for x in raw]
+    got = load_output(out)
+    for name, t in got.items():
+        oracle = sum(wi * states[s][name].double() for wi, s in zip(w, steps))
+        torch.testing.assert_close(t.double(), oracle, rtol=1e-6, atol=1e-6)
+    man = json.loads((out / "ckptavg.json").read_text())
+    assert man["method"] == {"name": "ema", "half_life": h}
+    assert [i["weight"] for i in man["inputs"]] == pytest.approx(w)
+
+
+def test_ema_decay_is_the_recursive_ema_with_bias_correction(make_run):
+    root, states = make_run("safetensors", values="random", steps=(1, 2, 3, 4))
+    beta = 0.7
+    sd = ckptavg.average(ckptavg.discover(root), method="ema", decay=beta, progress=False)
+    name = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
+    e = torch.zeros_like(states[1][name], dtype=torch.float64)
+    for s in (1, 2, 3, 4):  # the training-loop EMA, zero-initialised, then debiased
+        e = beta * e + (1 - beta) * states[s][name].double()
+    oracle = e / (1 - beta**4)
+    torch.testing.assert_close(sd[name].double(), oracle, rtol=1e-6, atol=1e-6)
+
+
+def test_weighted_explicit_weights(make_run):
+    root, states = make_run("bin", steps=(1, 2, 3))
+    sd = ckptavg.average(ckptavg.discover(root), method="weighted", weights=[1, 1, 2], progress=False)
+    for name, t in sd.items():
+        oracle = (states[1][name] + states[2][name] + 2 * states[3][name]) / 4
+        assert torch.equal(t, oracle), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_accumulates_in_fp32_and_rounds_like_torch(make_run, dtype):
+    root, states = make_run("safetensors", dtype=dtype, values="random", steps=tuple(range(1, 9)))
+    sd = ckptavg.average(ckptavg.discover(root), progress=False)
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    oracle = torch.stack([states[s][name].float() for s in states]).mean(0).to(dtype)
+    assert sd[name].dtype == dtype
+    assert torch.equal(sd[name], oracle)
+    # Summing in the input dtype (fairseq's script) would not give this result.
+    naive = states[1][name].clone()
+    for s in range(2, 9):
+        naive += states[s][name]
+    assert not torch.equal(naive / 8, oracle)
+
+
+def test_output_dtype_conversion_and_config_dtype(make_run, tmp_path):
+    root, states = make_run("safetensors", values="random", steps=(1, 2))
+    out = ckptavg.average(ckptavg.discover(root), tmp_path / "bf", dtype="bf16", progress=False)
+    got = load_output(out)
+    name = "lm_head.weight"
+    oracle = ((states[1][name] + states[2][name]) / 2).to(torch.bfloat16)
+    assert torch.equal(got[name], oracle)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+
+
+def test_non_floating_buffers_are_copied_from_the_newest(make_run):
+    extra = {
+        "gpt_neox.layers.0.attention.bias": lambda i: torch.tril(torch.ones(8, 8, dtype=torch.bool)) ^ (i % 2 == 1),
+        "step_counter": lambda i: torch.tensor([i * 7], dtype=torch.int64),
+    }
+    root, states = make_run("bin", steps=(1, 2, 3), extra=extra)
+    sd = ckptavg.average(ckptavg.discover(root), progress=False)
+    for k in extra:
+        assert sd[k].dtype == states[3][k].dtype
+        assert torch.equal(sd[k], states[3][k])
+
+
+def test_sharded_output_has_index_and_same_values(make_run, tmp_path):
+    root, states = make_run("safetensors-sharded", steps=(1, 2))
+    out = ckptavg.average(ckptavg.discover(root), tmp_path / "sh", max_shard_size="20KB", progress=False)
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(idx["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    total = 0
+    for f in shards:
+        with safe_open(out / f, framework="pt") as fh:
+            for k in fh.keys():
+                assert idx["weight_map"][k] == f
+                total += fh.get_tensor(k).numel() * 4
+    assert idx["metadata"]["total_size"] == total
+    got = load_output(out)
+    assert set(got) == set(states[1])
+    for k, t in got.items():
+        assert torch.equal(t, (states[1][k] + states[2][k]) / 2)
+
+
+def test_fp64_accumulation_option(make_run):
+    root, states = make_run("safetensors", values="random", steps=(1, 2, 3))
+    sd = ckptavg.average(ckptavg.discover(root), accumulate="float64", progress=False)
+    name = "lm_head.weight"
+    oracle = torch.stack([states[s][name].double() for s in (1, 2, 3)]).mean(0).float()
+    assert torch.equal(sd[name], oracle)
+
+
+def test_chunking_does_not_change_the_result(make_run, monkeypatch):
+    root, states = make_run("bin", values="random", steps=(1, 2, 3))
+    whole = ckptavg.average(ckptavg.discover(root), progress=False)
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 37)  # odd size: chunks straddle rows
+    small = ckptavg.average(ckptavg.discover(root), progress=False)
+    for k in whole:
+        assert torch.equal(whole[k], small[k]), k
+
+
+def test_output_loads_with_transformers_and_logits_match_independent_average(make_run, tmp_path):
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+
+    root, states = make_run("bin", values="random", steps=(1, 2, 3, 4))
+    out = ckptavg.average(ckptavg.discover(root).last(3), tmp_path / "hf", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ref = GPTNeoXForCausalLM(tiny_config())
+    avg = {k: torch.stack([states[s][k] for s in (2, 3, 4)]).mean(0) for k in states[4]}
+    ref.load_state_dict(avg, strict=False)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_values_are_refused_naming_step_and_tensor(make_run, tmp_path):
+    root, states = make_run("safetensors", steps=(1, 2, 3))
+    from safetensors.torch import save_file
+
+    bad = dict(states[2])
+    bad["lm_head.weight"] = bad["lm_head.weight"].clone()
+    bad["lm_head.weight"][3, 3] = float("nan")
+    save_file(bad, root / "step2" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CkptavgError, match=r"step 2 .*'lm_head.weight'.*NaN"):
+        ckptavg.average(ckptavg.discover(root), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    sd = ckptavg.average(ckptavg.discover(root), allow_nonfinite=True, progress=False)
+    assert torch.isnan(sd["lm_head.weight"][3, 3])
+
+
+def test_state_dict_sink_equals_directory_output(make_run, tmp_path):
+    root, _ = make_run("safetensors", values="random")
+    traj = ckptavg.discover(root).last(3)
+    sd = ckptavg.average(traj, progress=False)
+    out = load_file(ckptavg.average(traj, tmp_path / "d", progress=False) / "model.safetensors")
+    assert sd.keys() == out.keys()
+    for k in sd:
+        assert torch.equal(sd[k], out[k])
