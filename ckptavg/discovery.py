@@ -35,7 +35,8 @@ TORCH_EXT = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_EXT = SAFETENSORS_EXT + TORCH_EXT
 
 # Names of files that sit next to the weights in training checkpoints but are not the model.
-_NOT_WEIGHTS = re.compile(r"optim|scheduler|rng_state|training_args|scaler|trainer_state", re.I)
+# (Megatron's model_optim_rng.pt holds the model under 'model', so it is kept.)
+_NOT_WEIGHTS = re.compile(r"^(?!model_optim_rng\.).*(optim|scheduler|rng_state|training_args|scaler|trainer_state)", re.I)
 _KNOWN_STEP = re.compile(
     r"^(?:global[_-]?step|step|checkpoint|ckpt|iter|iteration)[-_]?(\d+)(?=$|[-_.])", re.I
 )

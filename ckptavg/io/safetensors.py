@@ -244,6 +244,10 @@ def parse_size(text: str | int) -> int:
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
-    if unit not in _SIZE_UNITS or not num:
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0:
         raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB or 500MiB")
-    return int(float(num) * _SIZE_UNITS[unit])
+    return int(value * _SIZE_UNITS[unit])
