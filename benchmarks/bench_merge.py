@@ -210,7 +210,7 @@ def find_weights(out: Path) -> list[Path]:
     return sorted(out.glob("*.safetensors")) if out.is_dir() else [out]
 
 
-def sanity_check(reference: Path, others: dict[str, Path]) -> list[str]:
+def sanity_check(reference: Path, newest_input: Path, others: dict[str, Path]) -> list[str]:
     import torch
     from safetensors import safe_open
 
@@ -224,7 +224,11 @@ def sanity_check(reference: Path, others: dict[str, Path]) -> list[str]:
         return got
 
     ref = load(reference, CHECK_TENSORS)
-    lines = []
+    newest = load(newest_input, CHECK_TENSORS)
+    # guard against a vacuous check: the average must differ from the newest checkpoint
+    moved = min((ref[n] - newest[n]).abs().max().item() for n in CHECK_TENSORS)
+    lines = [f"sanity naive average vs newest input: min over checked tensors of max|d| = {moved:.1e}"
+             f"{' (average differs from the newest checkpoint, as it should)' if moved > 0 else ' SUSPICIOUS: no change'}"]
     for label, path in others.items():
         got = load(path, CHECK_TENSORS)
         diffs = []
@@ -250,12 +254,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument("--skip-mergekit", action="store_true")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     work: Path = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
     if not os.access(GNU_TIME, os.X_OK):
         print(f"error: {GNU_TIME} (GNU time) is missing; it measures wall time and peak RSS.\n"
-              "install it with: sudo apt-get install -y time", file=sys.stderr)
+              "install it with: apt-get install -y time   (as root, or with sudo)", file=sys.stderr)
         return 2
 
     bindir = Path(sys.executable).parent
@@ -278,11 +284,13 @@ def main() -> int:
 
     log(f"main comparison: k={K}, {sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB of inputs, "
         f"{args.repeats} runs each, warm page cache")
+    # Every contender's previous output is deleted before the clock starts (not inside the run).
     rows.append(measure("ckptavg", K, [*ckptavg, "merge", str(run), "--window", str(K), "-o", str(outs["ckptavg"]),
-                                       "--quiet", "--force"], inputs, work, args.repeats))
+                                       "--quiet", "--force"], inputs, work, args.repeats, clean=outs["ckptavg"]))
     outs["naive"].mkdir(exist_ok=True)
-    rows.append(measure("naive", K, [sys.executable, str(naive_py), str(outs["naive"] / "model.safetensors"),
-                                     *map(str, inputs)], inputs, work, args.repeats))
+    naive_out = outs["naive"] / "model.safetensors"
+    rows.append(measure("naive", K, [sys.executable, str(naive_py), str(naive_out), *map(str, inputs)],
+                        inputs, work, args.repeats, clean=naive_out))
     mergekit_error = None
     if mergekit:
         cfg = work / "mergekit.yml"
@@ -295,19 +303,20 @@ def main() -> int:
             mergekit_error = str(e)
             log(f"mergekit failed; its row is skipped:\n{e}")
     rows.append(measure("read-only", K, ["cat", *map(str, inputs)], inputs, work, args.repeats))
-    checks = sanity_check(outs["naive"] / "model.safetensors",
+    checks = sanity_check(naive_out, inputs[-1],
                           {"ckptavg": outs["ckptavg"], **({"mergekit": outs["mergekit"]}
                                                           if mergekit and not mergekit_error else {})})
 
-    log("scaling: ckptavg peak RSS vs k")
+    log("scaling: ckptavg peak RSS vs k (with the read-only floor for each k)")
     for k in SCALING_K:
         if k == K:
             continue
         src = run if k <= K else build_linked_run(work, run, k)
-        kin = [d / "model.safetensors" for d in step_dirs(src, k)][-k:]
-        rows.append(measure("ckptavg", k, [*ckptavg, "merge", str(src), "--window", str(k), "-o",
-                                           str(work / f"out-ckptavg-k{k}"), "--quiet", "--force"],
-                            kin, work, args.repeats))
+        kin = [d / "model.safetensors" for d in step_dirs(src, max(k, K))[-k:]]  # --window k: the newest k
+        kout = work / f"out-ckptavg-k{k}"
+        rows.append(measure("ckptavg", k, [*ckptavg, "merge", str(src), "--window", str(k), "-o", str(kout),
+                                           "--quiet", "--force"], kin, work, args.repeats, clean=kout))
+        rows.append(measure("read-only", k, ["cat", *map(str, kin)], kin, work, args.repeats))
 
     base = {r["k"]: r["wall_s"] for r in rows if r["contender"] == "ckptavg"}
     for r in rows:
@@ -329,7 +338,7 @@ def main() -> int:
               "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     (work / "bench_merge.json").write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {work / 'bench_merge.json'}")
-    return 0 if all(" OK " in line for line in checks) else 1
+    return 0 if all(" FAILED " not in line and "SUSPICIOUS" not in line for line in checks) else 1
 
 
 if __name__ == "__main__":

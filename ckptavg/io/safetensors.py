@@ -111,6 +111,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return ordered, meta
 
 
+def pread_into(fd: int, out: np.ndarray, pos: int, path: Path, name: str) -> None:
+    """Fill ``out`` with the file's bytes at ``pos``; the GIL is released while the kernel copies."""
+    view = memoryview(out).cast("B")
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], pos + got)
+        if n == 0:
+            raise CkptavgError(f"{path}: file ended while reading tensor {name!r} (truncated?)")
+        got += n
+
+
 class SafetensorsFile:
     """Reads chunks of tensors from one safetensors file with ``pread``; no mapping."""
 
@@ -128,15 +139,7 @@ class SafetensorsFile:
             return out
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        want = count * info.dtype.itemsize
-        pos = info.offset + start * info.dtype.itemsize
-        view = memoryview(out).cast("B")
-        got = 0
-        while got < want:
-            n = os.preadv(self._fd, [view[got:]], pos + got)
-            if n == 0:
-                raise CkptavgError(f"{self.path}: file shrank while reading tensor {info.name!r}")
-            got += n
+        pread_into(self._fd, out, info.offset + start * info.dtype.itemsize, self.path, info.name)
         return out
 
     def close(self) -> None:

@@ -1,15 +1,18 @@
 """``.bin`` / ``.pt`` / ``.pth`` reading through ``torch.load(weights_only=True)`` only.
 
 A pickle from the internet must never run code, so ``weights_only=False`` appears nowhere in this
-package. Zip-format files (everything ``torch.save`` wrote since 1.6) are loaded with ``mmap=True``:
-tensors are views of the file, and only what is read is paged in. Pages stay resident while the
-mapping lives, so the reader drops and re-opens the mapping after every ``remap_bytes`` it has
-read: peak RSS stays near k × ``remap_bytes`` instead of k × model. Legacy (pre-zip) files cannot
-be mapped and are loaded whole.
+package. Zip-format files (everything ``torch.save`` wrote since 1.6) are opened with ``mmap=True``
+to learn names, dtypes and shapes without touching tensor data; each tensor's bytes are then
+located in the archive (a stored, uncompressed zip member) and the mapping is dropped. Chunks are
+read with ``pread`` like safetensors, so a merge of k ``.bin`` files holds a few chunks, not k
+mapped models, in its resident set. Tensors that are not a contiguous run of bytes (views into a
+larger storage) and legacy pre-zip files fall back to torch's own loading.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,31 +22,32 @@ import numpy as np
 
 from ..errors import CkptavgError
 from .dtypes import from_torch
-from .safetensors import TensorInfo
+from .safetensors import TensorInfo, pread_into
 
 # Where training code nests the state dict: nanoGPT/LAWA {'model': sd}, Lightning {'state_dict': sd},
 # DeepSpeed {'module': sd}.
 STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state_dict", "ema")
-REMAP_BYTES = 256 * 2**20
 
 
-def _load(path: Path) -> Any:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else e.__class__.__name__)[:200]
+
+
+def _load(path: Path, mmap: bool) -> Any:
     import pickle
 
     import torch
 
-    mmap = zipfile.is_zipfile(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         raise CkptavgError(
             f"{path}: refused to load: not a plain tensor checkpoint under weights_only=True "
-            f"(it may contain code); {first[:200]}"
+            f"(it may contain code); {_first_line(e)}"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise CkptavgError(f"{path}: not a readable torch checkpoint: {msg[:200]}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
+        raise CkptavgError(f"{path}: not a readable torch checkpoint: {_first_line(e)}") from None
 
 
 def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
@@ -61,8 +65,8 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
             if key in obj and is_sd(obj[key]):
                 return obj[key]
         # A state dict with a few non-tensor entries (e.g. '_extra_state'): keep the tensors.
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors and isinstance(next(iter(obj)), str):
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
             return tensors
     raise CkptavgError(
         f"{path}: no state dict found (expected a dict of tensors, or one under one of the keys "
@@ -70,49 +74,98 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
     )
 
 
-class TorchFile:
-    """One torch checkpoint file; ``tensors`` from the pickle, chunks read as numpy."""
+def _member_offsets(path: Path) -> dict[int, int]:
+    """File offset of each stored storage record (``*/data/<key>``) → its size in bytes."""
+    out: dict[int, int] = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for m in z.infolist():
+            parts = m.filename.split("/")
+            if len(parts) < 2 or parts[-2] != "data" or m.compress_type != zipfile.ZIP_STORED:
+                continue
+            f.seek(m.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise CkptavgError(f"{path}: corrupt zip member {m.filename}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            out[m.header_offset + 30 + name_len + extra_len] = m.file_size
+    return out
 
-    def __init__(self, path: Path, remap_bytes: int = REMAP_BYTES) -> None:
+
+def _locate(sd: Mapping[str, Any], members: dict[int, int]) -> dict[str, int]:
+    """Tensor name → absolute file offset of its first byte, for contiguous tensors.
+
+    With ``mmap=True`` every storage is a slice of one mapping of the whole file, so
+    ``storage.data_ptr() - base`` is the storage's record offset; ``base`` is the one shift
+    that maps every storage onto a record of the right size.
+    """
+    storages = {}
+    for t in sd.values():
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    if not storages or not members:
+        return {}
+    lo = min(storages)
+    base = None
+    for off in members:
+        cand = lo - off
+        if all(members.get(p - cand) == n for p, n in storages.items()):
+            base = cand
+            break
+    if base is None:
+        return {}
+    where = {}
+    for name, t in sd.items():
+        if t.is_contiguous() and t.numel() > 0:
+            where[name] = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+    return where
+
+
+class TorchFile:
+    """One torch checkpoint file: metadata from the pickle, chunks read with ``pread``."""
+
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.remap_bytes = remap_bytes
-        self._sd: Mapping[str, Any] | None = _find_state_dict(_load(self.path), self.path)
+        self.zipped = zipfile.is_zipfile(self.path)
+        sd = _find_state_dict(_load(self.path, mmap=self.zipped), self.path)
         self.tensors: dict[str, TensorInfo] = {}
-        for name, t in self._sd.items():
+        for name, t in sd.items():
             try:
                 dtype = from_torch(t.dtype)
             except ValueError:
                 raise CkptavgError(f"{self.path}: tensor {name!r} has unsupported dtype {t.dtype}") from None
             self.tensors[name] = TensorInfo(name, dtype, tuple(t.shape))
-        self._read_since_map = 0
-        self.mapped = zipfile.is_zipfile(self.path)
-
-    def _state_dict(self) -> Mapping[str, Any]:
-        if self._sd is None:
-            self._sd = _find_state_dict(_load(self.path), self.path)
-        return self._sd
+        self._where = _locate(sd, _member_offsets(self.path)) if self.zipped else {}
+        # Keep torch's objects only for what pread cannot serve (legacy files, strided views).
+        self._sd: Mapping[str, Any] | None = (
+            {n: t for n, t in sd.items() if n not in self._where} if len(self._where) < len(sd) else None
+        )
+        self._fd: int | None = None
 
     def read(self, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
-        import torch
-
         if count is None:
             count = info.numel - start
-        t = self._state_dict()[info.name].reshape(-1)[start : start + count]
+        out = np.empty(count, info.dtype.storage)
+        if count == 0:
+            return out
+        pos = self._where.get(info.name)
+        if pos is not None:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            pread_into(self._fd, out, pos + start * info.dtype.itemsize, self.path, info.name)
+            return out
+        import torch
+
+        assert self._sd is not None
+        t = self._sd[info.name].reshape(-1)[start : start + count]
         if info.dtype.name == "BF16":
             t = t.view(torch.int16)
-        elif not info.dtype.floating and info.dtype.name.startswith("F8"):
+        elif info.dtype.name == "BOOL" or info.dtype.name.startswith("F8"):
             t = t.view(torch.uint8)
-        out = np.empty(count, info.dtype.storage)
         out[...] = t.numpy().view(info.dtype.storage)
-        if self.mapped:
-            self._read_since_map += out.nbytes
-            if self._read_since_map >= self.remap_bytes:
-                # Drop every view of the mapping so its touched pages leave our resident set.
-                del t
-                self._sd = None
-                self._read_since_map = 0
         return out
 
     def close(self) -> None:
         self._sd = None
-
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
