@@ -183,20 +183,41 @@ def timed(cmd: list[str], tfile: Path, prepare=None) -> tuple[float, float]:
     return parse_gnu_time(tfile.read_text())
 
 
-def measure(name: str, k: int, cmd: list[str], inputs: list[Path], work: Path, repeats: int,
-            clean: Path | None = None) -> dict:
-    walls, rsss = [], []
+def measure(specs: list[dict], work: Path, repeats: int) -> tuple[list[dict], dict[str, str]]:
+    """Run every spec ``repeats`` times, round-robin (so drift on the machine hits all alike).
+
+    A spec is {name, k, cmd, inputs, clean}: ``clean`` (the previous output) is deleted and the
+    page cache warmed before the clock starts. Returns rows and {name: error} for failed specs.
+    """
+    results = {id(s): ([], []) for s in specs}
+    errors: dict[str, str] = {}
     for r in range(repeats):
-        def prepare() -> None:
-            if clean is not None and clean.exists():
-                shutil.rmtree(clean) if clean.is_dir() else clean.unlink()
-            warm_cache(inputs)
-        wall, rss = timed(cmd, work / "time.txt", prepare)
-        walls.append(wall)
-        rsss.append(rss)
-        log(f"  {name:<10} k={k:<3} run {r + 1}/{repeats}: {wall:7.2f} s  {rss:8.0f} MB")
-    return {"contender": name, "k": k, "wall_s": statistics.median(walls), "walls_s": walls,
-            "peak_rss_mb": max(rsss)}
+        for spec in specs:
+            if spec["name"] in errors:
+                continue
+
+            def prepare(spec: dict = spec) -> None:
+                clean = spec.get("clean")
+                if clean is not None and clean.exists():
+                    shutil.rmtree(clean) if clean.is_dir() else clean.unlink()
+                warm_cache(spec["inputs"])
+            try:
+                wall, rss = timed(spec["cmd"], work / "time.txt", prepare)
+            except RuntimeError as e:
+                errors[spec["name"]] = str(e)
+                log(f"  {spec['name']} failed; its row is skipped:\n{e}")
+                continue
+            results[id(spec)][0].append(wall)
+            results[id(spec)][1].append(rss)
+            log(f"  {spec['name']:<10} k={spec['k']:<3} run {r + 1}/{repeats}: {wall:7.2f} s  {rss:8.0f} MB")
+    rows = []
+    for spec in specs:
+        walls, rsss = results[id(spec)]
+        if spec["name"] in errors or not walls:
+            continue
+        rows.append({"contender": spec["name"], "k": spec["k"], "wall_s": statistics.median(walls),
+                     "walls_s": walls, "peak_rss_mb": max(rsss)})
+    return rows, errors
 
 
 def mergekit_config(dirs: list[Path]) -> str:
@@ -283,40 +304,54 @@ def main() -> int:
     rows: list[dict] = []
 
     log(f"main comparison: k={K}, {sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB of inputs, "
-        f"{args.repeats} runs each, warm page cache")
-    # Every contender's previous output is deleted before the clock starts (not inside the run).
-    rows.append(measure("ckptavg", K, [*ckptavg, "merge", str(run), "--window", str(K), "-o", str(outs["ckptavg"]),
-                                       "--quiet", "--force"], inputs, work, args.repeats, clean=outs["ckptavg"]))
+        f"{args.repeats} runs each (round-robin), warm page cache")
     outs["naive"].mkdir(exist_ok=True)
     naive_out = outs["naive"] / "model.safetensors"
-    rows.append(measure("naive", K, [sys.executable, str(naive_py), str(naive_out), *map(str, inputs)],
-                        inputs, work, args.repeats, clean=naive_out))
-    mergekit_error = None
+    specs = [
+        {"name": "ckptavg", "k": K, "inputs": inputs, "clean": outs["ckptavg"],
+         "cmd": [*ckptavg, "merge", str(run), "--window", str(K), "-o", str(outs["ckptavg"]), "--quiet", "--force"]},
+        {"name": "naive", "k": K, "inputs": inputs, "clean": naive_out,
+         "cmd": [sys.executable, str(naive_py), str(naive_out), *map(str, inputs)]},
+    ]
     if mergekit:
         cfg = work / "mergekit.yml"
         cfg.write_text(mergekit_config(dirs))
-        try:
-            rows.append(measure("mergekit", K, [mergekit, str(cfg), str(outs["mergekit"]), "--no-cuda",
-                                                "--out-shard-size", MERGEKIT_SHARD, "--copy-tokenizer", "--quiet"],
-                                inputs, work, args.repeats, clean=outs["mergekit"]))
-        except RuntimeError as e:
-            mergekit_error = str(e)
-            log(f"mergekit failed; its row is skipped:\n{e}")
-    rows.append(measure("read-only", K, ["cat", *map(str, inputs)], inputs, work, args.repeats))
-    checks = sanity_check(naive_out, inputs[-1],
-                          {"ckptavg": outs["ckptavg"], **({"mergekit": outs["mergekit"]}
-                                                          if mergekit and not mergekit_error else {})})
+        specs.append({"name": "mergekit", "k": K, "inputs": inputs, "clean": outs["mergekit"],
+                      "cmd": [mergekit, str(cfg), str(outs["mergekit"]), "--no-cuda", "--out-shard-size",
+                              MERGEKIT_SHARD, "--copy-tokenizer", "--quiet"]})
+    specs.append({"name": "read-only", "k": K, "inputs": inputs, "cmd": ["cat", *map(str, inputs)]})
+    rows, errors = measure(specs, work, args.repeats)
+    if "ckptavg" in errors:
+        print(f"ckptavg merge failed:\n{errors['ckptavg']}", file=sys.stderr)
+        return 1
+    checks = sanity_check(naive_out, inputs[-1], {"ckptavg": outs["ckptavg"], **(
+        {"mergekit": outs["mergekit"]} if mergekit and "mergekit" not in errors else {})})
 
     log("scaling: ckptavg peak RSS vs k (with the read-only floor for each k)")
+    specs = []
     for k in SCALING_K:
         if k == K:
             continue
         src = run if k <= K else build_linked_run(work, run, k)
         kin = [d / "model.safetensors" for d in step_dirs(src, max(k, K))[-k:]]  # --window k: the newest k
         kout = work / f"out-ckptavg-k{k}"
-        rows.append(measure("ckptavg", k, [*ckptavg, "merge", str(src), "--window", str(k), "-o", str(kout),
-                                           "--quiet", "--force"], kin, work, args.repeats, clean=kout))
-        rows.append(measure("read-only", k, ["cat", *map(str, kin)], kin, work, args.repeats))
+        specs += [{"name": "ckptavg", "k": k, "inputs": kin, "clean": kout,
+                   "cmd": [*ckptavg, "merge", str(src), "--window", str(k), "-o", str(kout), "--quiet", "--force"]},
+                  {"name": "read-only", "k": k, "inputs": kin, "cmd": ["cat", *map(str, kin)]}]
+    more, more_errors = measure(specs, work, args.repeats)
+    rows += more
+    errors.update({f"{name} (scaling)": e for name, e in more_errors.items()})
+
+    # Start-up alone (interpreter + imports, no tensor data), to read the wall times above against.
+    log("start-up cost (no tensor data read)")
+    startup_specs = [
+        {"name": "ckptavg", "k": K, "inputs": [],
+         "cmd": [*ckptavg, "merge", str(run), "--window", str(K), "--dry-run", "-o", str(outs["ckptavg"])]},
+        {"name": "naive", "k": K, "inputs": [], "cmd": [sys.executable, "-c", "import torch, safetensors.torch"]},
+    ]
+    if mergekit and "mergekit" not in errors:
+        startup_specs.append({"name": "mergekit", "k": K, "inputs": [], "cmd": [mergekit, "--help"]})
+    startup = {r["contender"]: r["wall_s"] for r in measure(startup_specs, work, args.repeats)[0]}
 
     base = {r["k"]: r["wall_s"] for r in rows if r["contender"] == "ckptavg"}
     for r in rows:
@@ -331,10 +366,13 @@ def main() -> int:
         print(f"{r['contender']:<10} {r['k']:>3} {r['wall_s']:>16.2f} {ratio:>17} {r['peak_rss_mb']:>14.0f}")
     for line in checks:
         print(line)
-    if mergekit_error:
-        print("mergekit: failed, row skipped (see stderr)")
+    print("start-up alone, included in the walls above: " + ", ".join(
+        f"{name} {secs:.2f} s" for name, secs in startup.items())
+        + "  (ckptavg: merge --dry-run; naive: import torch; mergekit: --help)")
+    for name in errors:
+        print(f"{name}: failed, row skipped (see stderr)")
     result = {"model": MODEL, "k": K, "repeats": args.repeats, "input_bytes_k": sum(f.stat().st_size for f in inputs),
-              "rows": rows, "sanity": checks, "mergekit_error": mergekit_error,
+              "rows": rows, "startup_s": startup, "sanity": checks, "errors": errors,
               "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     (work / "bench_merge.json").write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {work / 'bench_merge.json'}")

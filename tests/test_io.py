@@ -109,3 +109,48 @@ def test_parse_size():
     assert parse_size("1000") == 1000
     with pytest.raises(ValueError):
         parse_size("five")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_torch_reader_serves_views_tied_and_bf16_like_torch(tmp_path, legacy):
+    from ckptavg.io.torchfile import TorchFile
+
+    a = torch.randn(6, 5)
+    sd = {"a": a, "tied": a, "col": a[:, 1], "bf": torch.randn(9).to(torch.bfloat16),
+          "mask": torch.tril(torch.ones(4, 4, dtype=torch.bool)), "n": torch.arange(7)}
+    p = tmp_path / "m.bin"
+    torch.save({"model": sd, "optimizer": {"lr": 1.0}}, p, _use_new_zipfile_serialization=not legacy)
+    f = TorchFile(p)
+    if not legacy:  # everything contiguous is read from the file, not through torch
+        assert set(f._where) == {"a", "tied", "bf", "mask", "n"}
+    for k, v in sd.items():
+        info = f.tensors[k]
+        assert info.shape == tuple(v.shape)
+        ref = v.reshape(-1).contiguous()
+        ref = ref.view(torch.int16) if v.dtype == torch.bfloat16 else ref.view(torch.uint8) if v.dtype == torch.bool else ref
+        assert np.array_equal(f.read(info, 1, info.numel - 2), ref.numpy()[1:-1].view(info.dtype.storage)), k
+    f.close()
+
+
+def test_torch_reader_refuses_code_execution(tmp_path):
+    import os
+    import pickle
+
+    from ckptavg.io.torchfile import TorchFile
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    p = tmp_path / "evil.bin"
+    torch.save({"w": torch.zeros(2), "x": Evil()}, p)
+    with pytest.raises(CkptavgError, match="refused to load"):
+        TorchFile(p)
+    assert not marker.exists()
+    p2 = tmp_path / "evil2.pt"
+    p2.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CkptavgError, match=str(p2)):
+        TorchFile(p2)
+    assert not marker.exists()

@@ -1,0 +1,35 @@
+"""The README is policed: its set-up commands run, every command it shows exists."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ckptavg.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_shows_the_two_setup_commands_and_ci_runs_the_test_one():
+    block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
+    cmds = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert cmds == ["make demo", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_main_job_runs(tmp_path):
+    r = subprocess.run(["make", "demo", f"DEMO_OUT={tmp_path / 'ex'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "wrote" in r.stdout and "loaded it with transformers" in r.stdout
+    assert (tmp_path / "ex" / "pythia-tiny-uniform5-step8000" / "ckptavg.json").is_file()
+
+
+def test_every_cli_command_in_readme_exists():
+    shown = set(re.findall(r"^ckptavg (\w+)", README, re.M))
+    assert shown, "README shows no ckptavg command"
+    for cmd in shown:
+        assert CliRunner().invoke(cli, [cmd, "--help"]).exit_code == 0, cmd
