@@ -166,6 +166,54 @@ def merge(path: str, out: Path | None, window: int | None, at: int | None, start
             click.echo(f"  step {s:>10}  weight {x:.6f}")
 
 
+@cli.command("series")
+@click.argument("path")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Folder for step{S}/ outputs.")
+@click.option("--window", "-k", type=int, help="uniform: average the latest k checkpoints at every target (LAWA).")
+@click.option("--method", "-m", type=click.Choice(["uniform", "ema"]), default="uniform", show_default=True)
+@click.option("--decay", type=float, help="ema: decay per checkpoint.")
+@click.option("--half-life", type=float, help="ema: half-life in training steps.")
+@click.option("--stride", type=int, default=1, show_default=True, help="A target at every n-th checkpoint.")
+@click.option("--from", "start", type=int, help="First target step (windows may reach before it).")
+@click.option("--to", "stop", type=int, help="Last target step.")
+@click.option("--steps", help="Exactly these target steps, comma-separated.")
+@click.option("--partial", is_flag=True, help="Targets before the first full window average what exists [default: skipped].")
+@click.option("--non-overlapping", is_flag=True, help="Disjoint windows (stride = k), as the LAWA authors' script.")
+@click.option("--dtype", help="Output dtype [default: the inputs'].")
+@click.option("--max-shard-size", help="Shard each output, e.g. 5GB.")
+@click.option("--allow-nonfinite", is_flag=True, help="Write averages with NaN/Inf instead of refusing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@_friendly_errors
+def series_cmd(path: str, out: Path, window: int | None, method: str, decay: float | None, half_life: float | None,
+               stride: int, start: int | None, stop: int | None, steps: str | None, partial: bool,
+               non_overlapping: bool, dtype: str | None, max_shard_size: str | None, allow_nonfinite: bool,
+               quiet: bool, as_json: bool) -> None:
+    """Write the averaged model at every target step of the run at PATH (OUT/step{S}/),
+    reading each input once. Re-running resumes: complete outputs are kept.
+
+    \b
+    Examples:
+      ckptavg series runs/pythia-tiny --window 5 -o lawa5
+      ckptavg series runs/pythia-tiny --method ema --half-life 2000 -o ema
+    """
+    from .discovery import discover
+    from .series import series
+
+    results = series(discover(path), out, window=window, method=method, decay=decay, half_life=half_life,
+                     stride=stride, start=start, stop=stop, steps=_int_list(steps), partial=partial,
+                     non_overlapping=non_overlapping, dtype=dtype, max_shard_size=max_shard_size,
+                     allow_nonfinite=allow_nonfinite, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps({"outputs": [{"step": r.step, "path": str(r.path), "written": r.written}
+                                           for r in results]}, indent=2))
+        return
+    kept = sum(not r.written for r in results)
+    click.echo(f"wrote {len(results) - kept} averaged checkpoints to {out}" + (f" ({kept} kept from an earlier run)" if kept else ""))
+    for r in results:
+        click.echo(f"  step {r.step:>10}  {'written' if r.written else 'kept'}  {r.path}")
+
+
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("example"), show_default=True,
               help="Folder for the example run and its average.")

@@ -177,6 +177,20 @@ def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]
     return copied
 
 
+def finish_directory(
+    tmp: Path, ckpts: Sequence[Checkpoint], weights: Sequence[float], method: str, params: dict[str, Any],
+    out_dtype: DType | None, accumulate: str, root: str, hashes: dict[Path, str] | None = None,
+) -> None:
+    """Config/tokenizer files of the newest input and ``ckptavg.json`` next to the weights."""
+    _copy_configs(ckpts[-1].config_dir, tmp, out_dtype)
+    files = sorted([p.name for p in tmp.iterdir()] + [_manifest.MANIFEST_NAME])
+    _manifest.write(tmp, _manifest.build(
+        ckpts, weights, method, params,
+        dtype=out_dtype.torch_name if out_dtype else "same as inputs",
+        accumulate=accumulate, trajectory=root, hashes=hashes, files=files,
+    ))
+
+
 @overload
 def average(checkpoints: Trajectory | Sequence[Checkpoint], out: None = None, **kwargs: Any) -> dict[str, torch.Tensor]: ...
 @overload
@@ -267,13 +281,7 @@ def average(
                     stream(readers, w, plan, out_dtypes, dir_sink, **kw)  # type: ignore[arg-type]
                 finally:
                     dir_sink.close()
-                _copy_configs(newest.config_dir, tmp, out_dtype)
-                files = sorted(p.name for p in tmp.iterdir()) + [_manifest.MANIFEST_NAME]
-                _manifest.write(tmp, _manifest.build(
-                    ckpts, w, method, params,
-                    dtype=out_dtype.torch_name if out_dtype else "same as inputs",
-                    accumulate=accumulate, trajectory=str(root), hashes=hashes, files=sorted(files),
-                ))
+                finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, str(root), hashes)
             return Path(os.path.abspath(out))
         finally:
             for r in readers:

@@ -117,11 +117,8 @@ def check_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
             raise CkptavgError(f"{out}: already exists and is not empty; use --force to replace it")
 
 
-@contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; on success it is renamed to ``out``, on any error
-    (or a kill) nothing appears at ``out``. A leftover temporary is hidden (dot name) and is
-    removed by the next run once its process is gone."""
+def begin_directory(out: Path, force: bool = False) -> Path:
+    """Check ``out`` and create the hidden temporary sibling the output is built in."""
     out = Path(os.path.abspath(out))
     check_output(out, force)
     try:
@@ -131,15 +128,30 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as e:
         raise CkptavgError(f"{out}: cannot create output: {e.strerror or e}") from None
+    return tmp
+
+
+def commit_directory(tmp: Path, out: Path) -> None:
+    """Move a finished temporary into place (replacing an old ``out`` only once the new one is whole)."""
+    out = Path(os.path.abspath(out))
+    if out.exists():
+        old = out.parent / f".{out.name}.ckptavg-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it is renamed to ``out``, on any error
+    (or a kill) nothing appears at ``out``. A leftover temporary is hidden (dot name) and is
+    removed by the next run once its process is gone."""
+    tmp = begin_directory(out, force)
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.ckptavg-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        commit_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,172 @@
+"""Series: every output equals an independent per-window average; inputs are read once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import ckptavg
+from ckptavg import engine
+from ckptavg.cli import cli
+from ckptavg.errors import CkptavgError
+from ckptavg.io import CheckpointReader
+from ckptavg.series import iter_series, plan, series
+
+STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 3000)  # Pythia-like spacing
+
+
+def window_oracle(states, steps, k, i):
+    ins = steps[max(0, i - k + 1): i + 1]
+    return {n: torch.stack([states[s][n].double() for s in ins]).mean(0).float() for n in states[steps[i]]}
+
+
+def ema_oracle(states, steps, h, i):
+    raw = [0.5 ** ((steps[i] - s) / h) for s in steps[: i + 1]]
+    tot = sum(raw)
+    return {n: sum(w / tot * states[s][n].double() for w, s in zip(raw, steps[: i + 1])).float()
+            for n in states[steps[i]]}
+
+
+@pytest.mark.parametrize("values", ["integer", "random"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_every_window_equals_independent_average(make_run, tmp_path, fmt, values, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 1000)  # several chunks per tensor
+    root, states = make_run(fmt, steps=STEPS, values=values)
+    res = series(ckptavg.discover(root), tmp_path / "s", window=3, progress=False)
+    assert [r.step for r in res] == list(STEPS[2:]) and all(r.written for r in res)
+    for i, s in enumerate(STEPS):
+        if i < 2:
+            assert not (tmp_path / "s" / f"step{s}").exists()
+            continue
+        got = load_file(tmp_path / "s" / f"step{s}" / "model.safetensors")
+        want = window_oracle(states, STEPS, 3, i)
+        for n in want:
+            if values == "integer":
+                assert torch.equal(got[n], want[n]), (s, n)
+            else:
+                torch.testing.assert_close(got[n], want[n], rtol=2e-7, atol=1e-7)
+        man = json.loads((tmp_path / "s" / f"step{s}" / "ckptavg.json").read_text())
+        assert [x["step"] for x in man["inputs"]] == list(STEPS[i - 2: i + 1])
+
+
+def test_long_run_does_not_drift(make_run, tmp_path, monkeypatch):
+    """200 running-sum updates on values of very different magnitude stay equal to the oracle."""
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 4096)
+    g = torch.Generator().manual_seed(0)
+    steps = tuple(range(1, 41))
+    extra = {"big": lambda i: (torch.randn(64, generator=g) * 10.0 ** (i % 7 - 3)).float()}
+    root, states = make_run("safetensors", steps=steps, values="random", extra=extra)
+    series(ckptavg.discover(root), tmp_path / "s", window=4, progress=False)
+    for i in range(3, len(steps)):
+        got = load_file(tmp_path / "s" / f"step{steps[i]}" / "model.safetensors")["big"]
+        want = torch.stack([states[s]["big"].double() for s in steps[i - 3: i + 1]]).mean(0).float()
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+
+
+def test_ema_series_matches_merge_at_each_step(make_run, tmp_path):
+    root, states = make_run("safetensors", steps=STEPS, values="random")
+    series(ckptavg.discover(root), tmp_path / "e", method="ema", half_life=300, progress=False)
+    for i, s in enumerate(STEPS):
+        got = load_file(tmp_path / "e" / f"step{s}" / "model.safetensors")
+        want = ema_oracle(states, STEPS, 300, i)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7)
+
+
+def test_reads_each_input_once_whatever_k(make_run, tmp_path, monkeypatch):
+    root, _ = make_run("safetensors", steps=tuple(range(1, 13)), values="random")
+    counts = {}
+    real = CheckpointReader.read
+
+    def counting(self, name, start=0, count=None):
+        out = real(self, name, start, count)
+        counts[self.checkpoint.step] = counts.get(self.checkpoint.step, 0) + out.nbytes
+        return out
+
+    monkeypatch.setattr(CheckpointReader, "read", counting)
+    traj = ckptavg.discover(root)
+    size = sum(t.nbytes for t in traj[0].tensors.values())
+    for k in (2, 5, 10):
+        counts.clear()
+        series(traj, tmp_path / f"k{k}", window=k, progress=False)
+        assert counts == {s: size for s in range(1, 13)}, k
+
+
+def test_partial_stride_non_overlapping_and_range(make_run, tmp_path):
+    root, states = make_run("safetensors", steps=tuple(range(10, 110, 10)))
+    traj = ckptavg.discover(root)
+    assert [t.step for t in plan(traj, window=3)] == list(range(30, 110, 10))
+    assert [t.step for t in plan(traj, window=3, partial=True)][:2] == [10, 20]
+    assert plan(traj, window=3, partial=True)[0].inputs == (0,)
+    no = plan(traj, window=3, non_overlapping=True)
+    assert [t.inputs for t in no] == [(0, 1, 2), (3, 4, 5), (6, 7, 8)]
+    assert [t.step for t in plan(traj, window=2, stride=4)] == [20, 60, 100]
+    assert [t.step for t in plan(traj, window=2, start=50, stop=70)] == [50, 60, 70]
+    res = series(traj, tmp_path / "n", window=3, non_overlapping=True, progress=False)
+    got = load_file(res[1].path / "model.safetensors")
+    for n, v in got.items():
+        assert torch.equal(v, torch.stack([states[s][n] for s in (40, 50, 60)]).mean(0))
+    with pytest.raises(CkptavgError, match="fewer than 3 checkpoints"):
+        plan(traj, window=3, steps=[20])
+    with pytest.raises(CkptavgError, match="drop --window"):
+        plan(traj, window=3, method="ema", half_life=10)
+    with pytest.raises(CkptavgError, match="series supports"):
+        plan(traj, window=3, method="weighted")
+
+
+def test_resume_skips_complete_targets_and_redoes_broken_ones(make_run, tmp_path):
+    root, states = make_run("safetensors", steps=tuple(range(1, 8)))
+    traj = ckptavg.discover(root)
+    first = series(traj, tmp_path / "r", window=2, progress=False)
+    mtimes = {r.step: (r.path / "model.safetensors").stat().st_mtime_ns for r in first}
+    (first[2].path / "model.safetensors").write_bytes(b"broken")
+    again = series(traj, tmp_path / "r", window=2, progress=False)
+    assert [r.written for r in again] == [False, False, True, False, False, False]
+    for r in again:
+        if r.written:
+            got = load_file(r.path / "model.safetensors")
+            for n, v in got.items():
+                assert torch.equal(v, (states[r.step - 1][n] + states[r.step][n]) / 2)
+        else:
+            assert (r.path / "model.safetensors").stat().st_mtime_ns == mtimes[r.step]
+    # Other arguments make other outputs: nothing is reused.
+    assert all(r.written for r in series(traj, tmp_path / "r", window=3, progress=False))
+
+
+def test_iter_series_in_memory_equals_disk_series(make_run, tmp_path):
+    root, states = make_run("bin", steps=STEPS[:8], values="random")
+    traj = ckptavg.discover(root)
+    disk = {r.step: load_file(r.path / "model.safetensors") for r in series(traj, tmp_path / "d", window=3, progress=False)}
+    seen = []
+    for t, sd in iter_series(traj, window=3):
+        seen.append(t.step)
+        for n in sd:
+            torch.testing.assert_close(sd[n], disk[t.step][n], rtol=2e-7, atol=1e-7)
+    assert seen == sorted(disk)
+    for t, sd in iter_series(traj, method="ema", decay=0.5):
+        want = ema_oracle_decay(states, STEPS[:8], 0.5, t.index)
+        for n in sd:
+            torch.testing.assert_close(sd[n], want[n], rtol=1e-6, atol=1e-7)
+
+
+def ema_oracle_decay(states, steps, beta, i):
+    raw = [beta ** (i - j) for j in range(i + 1)]
+    return {n: sum(w / sum(raw) * states[steps[j]][n].double() for j, w in enumerate(raw)).float() for n in states[steps[i]]}
+
+
+def test_series_cli_json_and_resume(make_run, tmp_path):
+    root, _ = make_run("safetensors", steps=(1, 2, 3, 4))
+    args = ["series", str(root), "--window", "2", "-o", str(tmp_path / "c"), "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert [o["written"] for o in json.loads(r.output)["outputs"]] == [True, True, True]
+    r = CliRunner().invoke(cli, args)
+    assert [o["written"] for o in json.loads(r.output)["outputs"]] == [False, False, False]
+    r = CliRunner().invoke(cli, ["series", str(root), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "needs --window" in r.output
+    r = CliRunner().invoke(cli, ["series", str(root), "--window", "2", "-o", str(root / "inside")])
+    assert r.exit_code == 1 and "inside the input" in r.output
