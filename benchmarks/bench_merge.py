@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 # --- knobs -----------------------------------------------------------------------------------
@@ -43,7 +42,7 @@ MERGEKIT_SHARD = "5B"      # mergekit's --out-shard-size counts parameters; 5B >
 CHECK_TENSORS = ("model.embed_tokens.weight", "model.layers.5.self_attn.q_proj.weight",
                  "model.layers.11.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
                            # sanity check: first, middle, last tensors and a 1-D norm
-ATOL = 1e-6                # fp32 sums of 5 values ~0.02 in different order differ by a few ulp (~1e-9)
+ATOL = 1e-6                # fp32 means of values up to ~1 (norm weights), summed in another order, differ by a few ulp (< 1e-6)
 # ---------------------------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,13 +186,14 @@ def measure(specs: list[dict], work: Path, repeats: int) -> tuple[list[dict], di
     """Run every spec ``repeats`` times, round-robin (so drift on the machine hits all alike).
 
     A spec is {name, k, cmd, inputs, clean}: ``clean`` (the previous output) is deleted and the
-    page cache warmed before the clock starts. Returns rows and {name: error} for failed specs.
+    page cache warmed before the clock starts. Returns rows and {"name k=K": error}.
     """
     results = {id(s): ([], []) for s in specs}
     errors: dict[str, str] = {}
     for r in range(repeats):
         for spec in specs:
-            if spec["name"] in errors:
+            key = f"{spec['name']} k={spec['k']}"
+            if key in errors:
                 continue
 
             def prepare(spec: dict = spec) -> None:
@@ -204,7 +204,7 @@ def measure(specs: list[dict], work: Path, repeats: int) -> tuple[list[dict], di
             try:
                 wall, rss = timed(spec["cmd"], work / "time.txt", prepare)
             except RuntimeError as e:
-                errors[spec["name"]] = str(e)
+                errors[key] = str(e)
                 log(f"  {spec['name']} failed; its row is skipped:\n{e}")
                 continue
             results[id(spec)][0].append(wall)
@@ -213,7 +213,7 @@ def measure(specs: list[dict], work: Path, repeats: int) -> tuple[list[dict], di
     rows = []
     for spec in specs:
         walls, rsss = results[id(spec)]
-        if spec["name"] in errors or not walls:
+        if f"{spec['name']} k={spec['k']}" in errors or not walls:
             continue
         rows.append({"contender": spec["name"], "k": spec["k"], "wall_s": statistics.median(walls),
                      "walls_s": walls, "peak_rss_mb": max(rsss)})
@@ -301,7 +301,6 @@ def main() -> int:
     naive_py = work / "naive_average.py"
     naive_py.write_text(NAIVE_SCRIPT)
     outs = {n: work / f"out-{n}" for n in ("ckptavg", "naive", "mergekit")}
-    rows: list[dict] = []
 
     log(f"main comparison: k={K}, {sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB of inputs, "
         f"{args.repeats} runs each (round-robin), warm page cache")
@@ -321,11 +320,12 @@ def main() -> int:
                               MERGEKIT_SHARD, "--copy-tokenizer", "--quiet"]})
     specs.append({"name": "read-only", "k": K, "inputs": inputs, "cmd": ["cat", *map(str, inputs)]})
     rows, errors = measure(specs, work, args.repeats)
-    if "ckptavg" in errors:
-        print(f"ckptavg merge failed:\n{errors['ckptavg']}", file=sys.stderr)
+    if f"ckptavg k={K}" in errors:
+        print(f"ckptavg merge failed:\n{errors[f'ckptavg k={K}']}", file=sys.stderr)
         return 1
+    mergekit_ok = bool(mergekit) and f"mergekit k={K}" not in errors
     checks = sanity_check(naive_out, inputs[-1], {"ckptavg": outs["ckptavg"], **(
-        {"mergekit": outs["mergekit"]} if mergekit and "mergekit" not in errors else {})})
+        {"mergekit": outs["mergekit"]} if mergekit_ok else {})})
 
     log("scaling: ckptavg peak RSS vs k (with the read-only floor for each k)")
     specs = []
@@ -340,7 +340,7 @@ def main() -> int:
                   {"name": "read-only", "k": k, "inputs": kin, "cmd": ["cat", *map(str, kin)]}]
     more, more_errors = measure(specs, work, args.repeats)
     rows += more
-    errors.update({f"{name} (scaling)": e for name, e in more_errors.items()})
+    errors.update(more_errors)
 
     # Start-up alone (interpreter + imports, no tensor data), to read the wall times above against.
     log("start-up cost (no tensor data read)")
@@ -349,7 +349,7 @@ def main() -> int:
          "cmd": [*ckptavg, "merge", str(run), "--window", str(K), "--dry-run", "-o", str(outs["ckptavg"])]},
         {"name": "naive", "k": K, "inputs": [], "cmd": [sys.executable, "-c", "import torch, safetensors.torch"]},
     ]
-    if mergekit and "mergekit" not in errors:
+    if mergekit_ok:
         startup_specs.append({"name": "mergekit", "k": K, "inputs": [], "cmd": [mergekit, "--help"]})
     startup = {r["contender"]: r["wall_s"] for r in measure(startup_specs, work, args.repeats)[0]}
 
@@ -366,9 +366,9 @@ def main() -> int:
         print(f"{r['contender']:<10} {r['k']:>3} {r['wall_s']:>16.2f} {ratio:>17} {r['peak_rss_mb']:>14.0f}")
     for line in checks:
         print(line)
-    print("start-up alone, included in the walls above: " + ", ".join(
-        f"{name} {secs:.2f} s" for name, secs in startup.items())
-        + "  (ckptavg: merge --dry-run; naive: import torch; mergekit: --help)")
+    how = {"ckptavg": "merge --dry-run", "naive": "import torch", "mergekit": "--help"}
+    print("start-up alone (no tensor data; included in the walls above): " + ", ".join(
+        f"{name} {secs:.2f} s ({how[name]})" for name, secs in startup.items()))
     for name in errors:
         print(f"{name}: failed, row skipped (see stderr)")
     result = {"model": MODEL, "k": K, "repeats": args.repeats, "input_bytes_k": sum(f.stat().st_size for f in inputs),

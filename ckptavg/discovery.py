@@ -74,9 +74,16 @@ def parse_step(name: str) -> tuple[int | None, bool]:
 
 
 def _is_dir(p: Path) -> bool:
+    """Like Path.is_dir, but a symlink loop or unreadable entry is an error, not 'no'."""
+    import stat
+
     try:
-        return p.is_dir()
-    except OSError as e:  # e.g. a symlink loop (ELOOP)
+        return stat.S_ISDIR(os.stat(p).st_mode)
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise CkptavgError(f"{p}: dangling symlink") from None
+        return False
+    except OSError as e:  # e.g. ELOOP
         raise CkptavgError(f"{p}: cannot open: {e.strerror or e}") from None
 
 

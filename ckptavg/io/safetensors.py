@@ -92,7 +92,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise _fail(path, f"tensor {name!r}: bad data_offsets {offs!r}")
         begin, end = offs
         if not 0 <= begin <= end <= data_len:
-            raise _fail(path, f"tensor {name!r}: data_offsets {offs} outside the {data_len}-byte data section")
+            raise _fail(path, f"tensor {name!r}: data_offsets {offs} outside the {data_len}-byte data section (truncated file?)")
         info = TensorInfo(name, dtype, tuple(shape), data_start + begin)
         if end - begin != info.nbytes:
             raise _fail(path, f"tensor {name!r}: {end - begin} bytes for {dtype.name}{list(shape)} which needs {info.nbytes}")

@@ -34,6 +34,18 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else e.__class__.__name__)[:200]
 
 
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+
+
+def _unpickler_detail(e: BaseException) -> str:
+    """The informative line of torch's weights_only error (the rest is boilerplate)."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line and not line.startswith(_BOILERPLATE):
+            return line[:200]
+    return _first_line(e)
+
+
 def _load(path: Path, mmap: bool) -> Any:
     import pickle
 
@@ -42,10 +54,13 @@ def _load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CkptavgError(
-            f"{path}: refused to load: not a plain tensor checkpoint under weights_only=True "
-            f"(it may contain code); {_first_line(e)}"
-        ) from None
+        detail = _unpickler_detail(e)
+        if "GLOBAL" in detail or "global" in detail:
+            raise CkptavgError(
+                f"{path}: refused to load: the pickle asks for code ({detail}); "
+                "only plain tensor checkpoints are read (weights_only=True)"
+            ) from None
+        raise CkptavgError(f"{path}: not a readable torch checkpoint: {detail}") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
         raise CkptavgError(f"{path}: not a readable torch checkpoint: {_first_line(e)}") from None
 
