@@ -202,3 +202,20 @@ def test_state_dict_sink_equals_directory_output(make_run, tmp_path):
     assert sd.keys() == out.keys()
     for k in sd:
         assert torch.equal(sd[k], out[k])
+
+
+def test_manifest_hashes_and_configs_come_from_the_newest(make_run, tmp_path):
+    import hashlib
+
+    root, _ = make_run("safetensors-sharded", steps=(1, 2, 3))
+    (root / "step3" / "tokenizer.json").write_text('{"newest": true}')
+    (root / "step1" / "tokenizer.json").write_text('{"newest": false}')
+    (root / "step3" / "optimizer.pt").write_bytes(b"not copied")
+    out = ckptavg.average(ckptavg.discover(root), tmp_path / "m", hash_inputs=True, progress=False)
+    assert json.loads((out / "tokenizer.json").read_text()) == {"newest": True}
+    assert not (out / "optimizer.pt").exists()
+    man = json.loads((out / "ckptavg.json").read_text())
+    for entry in man["inputs"]:
+        for fname, digest in entry["sha256"].items():
+            assert digest == hashlib.sha256((Path(entry["location"]) / fname).read_bytes()).hexdigest()
+    assert set(man["files"]) == {p.name for p in out.iterdir()}
