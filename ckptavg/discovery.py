@@ -267,13 +267,16 @@ def _looks_like_run(d: Path) -> bool:
     return False
 
 
-def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
+def discover(path: str | os.PathLike[str], *, check: bool = True, step_pattern: str | None = None) -> Trajectory:
     """Find the checkpoints of a run.
 
     Args:
         path: a run folder (children ``step1000/``, ``checkpoint-500/``, ``ckpt_3000.pt`` …), a
-            single checkpoint directory, or a single weight file.
+            single checkpoint directory, or a single weight file; or ``hf://org/name`` (the step
+            branches of a Hub model repo) / ``hf://org/name@step1000`` — see :mod:`ckptavg.hub`.
         check: verify that every checkpoint has the same tensor names, shapes and dtypes.
+        step_pattern: ``hf://`` only: regex whose group is the step in a branch name
+            (default ``^step(\\d+)$``).
 
     Returns:
         A Trajectory sorted by step.
@@ -287,6 +290,12 @@ def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
         >>> traj.window(5, at=5000).steps                  # doctest: +SKIP
         [1000, 2000, 3000, 4000, 5000]
     """
+    if isinstance(path, str) and path.startswith("hf://"):
+        from . import hub
+
+        return hub.discover(path, step_pattern=step_pattern or hub.DEFAULT_STEP_PATTERN)
+    if step_pattern is not None:
+        raise CkptavgError(f"{path}: --step-pattern applies to hf:// trajectories only")
     root = Path(path)
     if not root.exists():
         raise CkptavgError(f"{root}: no such file or directory")

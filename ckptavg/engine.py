@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import numpy as np
 
+from . import hub as _hub
 from . import manifest as _manifest
 from . import methods
 from .discovery import CONFIG_FILES, check_compatible, read_tensors
@@ -209,6 +210,7 @@ def average(
     force: bool = False,
     hash_inputs: bool = False,
     allow_nonfinite: bool = False,
+    allow_duplicates: bool = False,
     progress: bool = True,
 ) -> Path | dict[str, torch.Tensor]:
     """Average checkpoints, streaming one tensor chunk at a time.
@@ -225,6 +227,8 @@ def average(
         force: replace an existing non-empty ``out``.
         hash_inputs: record each input file's sha256 in the manifest (one extra read).
         allow_nonfinite: average tensors holding NaN/Inf instead of refusing.
+        allow_duplicates: average Hub revisions whose weights are byte-identical to another step
+            branch's instead of refusing (see :func:`ckptavg.hub.materialise`).
         progress: show a tqdm bar (bytes read) on stderr.
 
     Returns:
@@ -253,6 +257,7 @@ def average(
     root = getattr(checkpoints, "root", "")
     if out is not None:
         check_output(Path(out), force, [Path(c.location) for c in ckpts] + ([Path(root)] if root else []))
+    ckpts = _hub.materialise(ckpts, allow_duplicates=allow_duplicates, progress=progress)  # hf:// → HF cache files
     ckpts = _ensure_tensors(ckpts)
     check_compatible(ckpts)
     newest = ckpts[-1]

@@ -38,6 +38,8 @@ def build(
     inputs = []
     for c, w in zip(checkpoints, weights):
         entry: dict[str, Any] = {"step": c.step, "location": c.location, "format": c.format, "weight": w}
+        if c.source is not None:  # a Hub branch can move; the commit says which bytes were averaged
+            entry["commit"] = c.source.commit
         if hashes:
             entry["sha256"] = {Path(f).name: hashes[f] for f in c.files}
         inputs.append(entry)

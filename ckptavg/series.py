@@ -18,21 +18,21 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import engine
-from .discovery import check_compatible
+from .discovery import check_compatible, read_index
 from .errors import CkptavgError
 from .io import CheckpointReader
 from .io.dtypes import DType, from_accumulator, parse_dtype, to_accumulator
 from .io.safetensors import TensorInfo, read_header
 from .io.sinks import SafetensorsDirSink, begin_directory, commit_directory
 from .manifest import MANIFEST_NAME
-from .trajectory import Trajectory
+from .trajectory import Checkpoint, Trajectory
 
 if TYPE_CHECKING:
     import torch
@@ -138,24 +138,42 @@ def _ema_factor(steps: Sequence[int], j: int, decay: float | None, half_life: fl
 
 
 def _is_complete(out: Path, target: Target, traj: Trajectory, method: str, params: dict[str, Any]) -> bool:
-    """An output from an earlier run with the same inputs, weights and method, whose weight files
-    parse and have the expected tensors."""
+    """An output from an earlier run with the same inputs (steps and locations), weights and
+    method, whose weight files all parse and agree with its index."""
     try:
         man = json.loads((out / MANIFEST_NAME).read_text())
         m = {k: v for k, v in man["method"].items() if k != "name"}
         if man["method"]["name"] != method or m != {k: v for k, v in params.items() if v is not None}:
             return False
-        if [i["step"] for i in man["inputs"]] != [traj[j].step for j in target.inputs]:
+        if [(i["step"], i["location"]) for i in man["inputs"]] != [(traj[j].step, traj[j].location) for j in target.inputs]:
             return False
         if not np.allclose([i["weight"] for i in man["inputs"]], target.weights, rtol=1e-12, atol=0):
             return False
-        names: set[str] = set()
-        for f in man["files"]:
-            if f.endswith(".safetensors"):
-                names |= set(read_header(out / f)[0])
-        return names == set((traj[target.index].tensors or {}))
+        shards = [f for f in man["files"] if f.endswith(".safetensors")]
+        if not shards:
+            return False
+        names: dict[str, str] = {}
+        for f in shards:
+            names.update({n: f for n in read_header(out / f)[0]})
+        if len(shards) > 1:
+            return names == read_index(out / "model.safetensors.index.json")
+        return True
     except (OSError, ValueError, KeyError, TypeError, CkptavgError):
         return False
+
+
+def _prepare(traj: Trajectory, indices: Sequence[int], progress: bool) -> dict[int, Checkpoint]:
+    """The checkpoints at ``indices`` with local files (Hub revisions downloaded) and headers read;
+    every one gets a config folder (a Hub download has config files for the newest only)."""
+    from . import hub
+
+    ckpts = engine._ensure_tensors(hub.materialise([traj[j] for j in indices], progress=progress))
+    check_compatible(ckpts)
+    def has_config(c: Checkpoint) -> bool:
+        return c.config_dir is not None and (c.config_dir / "config.json").is_file()
+
+    fallback = next((c.config_dir for c in reversed(ckpts) if has_config(c)), None)
+    return {j: (c if has_config(c) or fallback is None else replace(c, config_dir=fallback)) for j, c in zip(indices, ckpts)}
 
 
 def series(
@@ -209,15 +227,14 @@ def series(
     for src in [Path(c.location) for c in traj] + ([Path(traj.root)] if traj.root else []):
         if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
             raise CkptavgError(f"{out}: output would be written inside the input {src}; choose another -o")
-    ckpts = engine._ensure_tensors(list(traj))
-    traj = traj._with(ckpts)
-    check_compatible(ckpts)
     dirs = {t.step: out / f"step{t.step}" for t in targets}
     pending = [t for t in targets if not _is_complete(dirs[t.step], t, traj, method, params)]
     done = {t.step for t in targets} - {t.step for t in pending}
     result = [SeriesOutput(t.step, dirs[t.step], t.step not in done) for t in targets]
     if not pending:
         return result
+    needed = sorted({j for t in pending for j in t.inputs})
+    ckpts = _prepare(traj, needed, progress)
     for t in pending:
         if dirs[t.step].exists():
             shutil.rmtree(dirs[t.step])  # incomplete or made with other arguments: redo it
@@ -227,7 +244,6 @@ def series(
     tensors = list(ref.tensors.values())
     out_dtypes = {t.name: (out_dtype if out_dtype and t.dtype.floating else t.dtype) for t in tensors}
     entries = [TensorInfo(t.name, out_dtypes[t.name], t.shape) for t in tensors]
-    needed = sorted({j for t in pending for j in t.inputs})
 
     out.mkdir(parents=True, exist_ok=True)
     tmps: dict[int, Path] = {}
@@ -383,9 +399,8 @@ def iter_series(
         out_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as e:
         raise CkptavgError(str(e)) from None
-    ckpts = engine._ensure_tensors(list(traj))
-    check_compatible(ckpts)
-    steps_ = [c.step for c in ckpts]
+    ckpts = _prepare(traj, sorted({j for t in targets for j in t.inputs}), progress=False)
+    steps_ = traj.steps
     ref = ckpts[targets[-1].index].tensors or {}
     floats = [t for t in ref.values() if t.dtype.floating]
     run = {t.name: np.zeros(t.numel, np.float64) for t in floats}

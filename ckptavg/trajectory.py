@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, overload
 from .errors import CkptavgError
 
 if TYPE_CHECKING:
+    from .hub import HubSource
     from .io.safetensors import TensorInfo
 
 
@@ -26,6 +27,8 @@ class Checkpoint:
     ``files`` are the weight files (several for a sharded checkpoint, in shard order); ``tensors``
     are names → dtype/shape read from headers (None until known, e.g. for a Hub revision not yet
     downloaded); ``config_dir`` is where config and tokenizer files sit next to the weights.
+    ``source`` is set for a Hub revision (repo, branch, commit, files with their sha256): its
+    ``files`` stay empty until :func:`ckptavg.hub.materialise` downloads them.
     """
 
     step: int
@@ -36,6 +39,7 @@ class Checkpoint:
     config_dir: Path | None = None
     tensors: Mapping[str, TensorInfo] | None = field(default=None, compare=False, repr=False)
     size: int = 0  # bytes of weight files
+    source: HubSource | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"step {self.step} ({self.location})"
