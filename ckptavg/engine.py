@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 CHUNK_ELEMS = 1 << 20  # 1M elements (4 MiB fp32): stays in L2/L3 while k inputs are added
 PREFETCH = 4  # chunks read ahead by the reader thread
+WRITE_DEPTH = 2  # chunks a writer thread may still be writing while the next ones are computed
 ACCUMULATORS = {"float32": np.float32, "float64": np.float64}
 
 T = TypeVar("T")
@@ -57,6 +58,25 @@ def _prefetch(tasks: Iterable[Callable[[], T]], pool: ThreadPoolExecutor, depth:
         if nxt is not None:
             queue.append(pool.submit(nxt))
         yield fut.result()
+
+
+class WriteBehind:
+    """Hands ``sink.write`` calls to a thread so writing (``pwrite`` into the page cache, as
+    costly as the arithmetic) overlaps the next chunk's reads and adds. At most ``depth`` writes
+    are in flight; a caller may reuse a buffer once ``depth + 1`` later writes were submitted."""
+
+    def __init__(self, sink: Sink, pool: ThreadPoolExecutor, depth: int = 2) -> None:
+        self.sink, self.pool, self.depth = sink, pool, depth
+        self._queue: deque[Any] = deque()
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        self._queue.append(self.pool.submit(self.sink.write, name, start, values))
+        while len(self._queue) > self.depth:
+            self._queue.popleft().result()
+
+    def flush(self) -> None:
+        while self._queue:
+            self._queue.popleft().result()
 
 
 def _chunks(numel: int, chunk: int) -> range:
@@ -95,8 +115,9 @@ def stream(
     active = [i for i, w in enumerate(weights) if w != 0.0]
     uniform = len({weights[i] for i in active}) == 1
     newest = len(readers) - 1
-    acc_buf = np.empty(chunk, acc_dtype)
+    acc_bufs = [np.empty(chunk, acc_dtype) for _ in range(WRITE_DEPTH + 2)]  # rotated: writes may be in flight
     tmp_buf = np.empty(chunk, acc_dtype)
+    produced = 0
 
     def jobs() -> Iterator[Callable[[], np.ndarray]]:
         for info in plan:
@@ -106,18 +127,21 @@ def stream(
                 for i in srcs:
                     yield lambda r=readers[i], name=info.name, s=start, n=n: r.read(name, s, n)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool:
         reads = _prefetch(jobs(), pool, PREFETCH)
+        out = WriteBehind(sink, wpool, WRITE_DEPTH)
         for info in plan:
             for start in _chunks(info.numel, chunk):
                 n = min(chunk, info.numel - start)
                 if not info.dtype.floating:
                     raw = next(reads)
-                    sink.write(info.name, start, raw)
+                    out.write(info.name, start, raw)
                     if on_bytes:
                         on_bytes(raw.nbytes)
                     continue
-                acc = acc_buf[:n]
+                acc = acc_bufs[produced % len(acc_bufs)][:n]
+                produced += 1
                 for j, i in enumerate(active):
                     raw = next(reads)
                     if on_bytes:
@@ -144,7 +168,8 @@ def stream(
                             "refusing to average (pass --allow-nonfinite to average anyway)"
                         )
                 out_dt = out_dtypes[info.name]
-                sink.write(info.name, start, acc if out_dt.storage == acc.dtype else from_accumulator(acc, out_dt))
+                out.write(info.name, start, acc if out_dt.storage == acc.dtype else from_accumulator(acc, out_dt))
+        out.flush()
 
 
 def _ensure_tensors(ckpts: list[Checkpoint]) -> list[Checkpoint]:

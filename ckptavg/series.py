@@ -308,12 +308,20 @@ def _stream_series(
                 for j in needed:
                     yield lambda r=readers[j], name=info.name, s=s0, n=n: r.read(name, s, n)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool:
+    free: list[np.ndarray] = []  # recycled fp64 chunk buffers: no fresh pages per read
+
+    def buffer(n: int) -> np.ndarray:
+        return (free.pop() if free else np.empty(chunk, np.float64))[:n]
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool:
         reads = engine._prefetch(jobs(), pool, engine.PREFETCH)
+        writers = {step: engine.WriteBehind(sink, wpool, engine.WRITE_DEPTH) for step, sink in sinks.items()}
+        avg = np.empty(chunk, np.float64)
         for info in tensors:
             for s0 in range(0, info.numel, chunk):
                 n = min(chunk, info.numel - s0)
-                ring: dict[int, np.ndarray] = {}  # chunk of checkpoint j, exact in fp32 (fp64 inputs: fp64)
+                ring: dict[int, np.ndarray] = {}  # chunk of checkpoint j in fp64 (exact for every input dtype)
                 run = np.zeros(n, np.float64)  # sum over ``cur`` (uniform) or EMA numerator
                 den = 0.0  # EMA denominator
                 cur: set[int] = set()
@@ -324,18 +332,19 @@ def _stream_series(
                     t = by_index.get(j)
                     if not info.dtype.floating:
                         if t is not None:
-                            sinks[t.step].write(info.name, s0, raw)
+                            writers[t.step].write(info.name, s0, raw)
                         continue
-                    x = to_accumulator(raw, info.dtype, np.empty(n, np.float64 if info.dtype.name == "F64" else np.float32))
                     if method == "ema":
+                        x = to_accumulator(raw, info.dtype, buffer(n))
                         f = _ema_factor(steps, j, decay, half_life) if j > 0 else 0.0
                         run *= f
                         run += x
+                        free.append(x.base if x.base is not None else x)
                         den = den * f + 1.0
                         if t is not None:
-                            _emit(run / den, info, s0, t, out_dtypes, sinks, allow_nonfinite, traj)
+                            _emit(np.divide(run, den, out=avg[:n]), info, s0, t, out_dtypes, writers, allow_nonfinite, traj)
                         continue
-                    ring[j] = x
+                    ring[j] = to_accumulator(raw, info.dtype, buffer(n))
                     if t is None:
                         continue
                     w = set(t.inputs)
@@ -348,18 +357,21 @@ def _stream_series(
                         for m in sorted(w):
                             run += ring[m]
                         ops = 0
-                    _emit(run / len(w), info, s0, t, out_dtypes, sinks, allow_nonfinite, traj)
+                    _emit(np.divide(run, len(w), out=avg[:n]), info, s0, t, out_dtypes, writers, allow_nonfinite, traj)
                     for m in [m for m in ring if m not in later[j]]:
                         if m in cur:
                             run -= ring[m]
                             cur.discard(m)
                             ops += 1
-                        del ring[m]
+                        x = ring.pop(m)
+                        free.append(x.base if x.base is not None else x)
+        for wb in writers.values():
+            wb.flush()
 
 
 def _emit(avg: np.ndarray, info: TensorInfo, s0: int, t: Target, out_dtypes: dict[str, DType],
-          sinks: dict[int, SafetensorsDirSink], allow_nonfinite: bool, traj: Trajectory) -> None:
-    if not allow_nonfinite and not np.isfinite(avg).all():
+          sinks: dict[int, engine.WriteBehind], allow_nonfinite: bool, traj: Trajectory) -> None:
+    if not allow_nonfinite and not np.isfinite(avg.sum()) and not np.isfinite(avg).all():
         raise CkptavgError(
             f"step {t.step}: tensor {info.name!r} averages to NaN/Inf (an input in steps "
             f"{traj[t.inputs[0]].step}..{t.step} holds NaN/Inf); pass --allow-nonfinite to write it anyway"

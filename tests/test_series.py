@@ -170,3 +170,13 @@ def test_series_cli_json_and_resume(make_run, tmp_path):
     assert r.exit_code == 1 and "needs --window" in r.output
     r = CliRunner().invoke(cli, ["series", str(root), "--window", "2", "-o", str(root / "inside")])
     assert r.exit_code == 1 and "inside the input" in r.output
+
+
+def test_nonfinite_input_is_refused_naming_the_target(make_run, tmp_path):
+    extra = {"x": lambda i: torch.tensor([1.0, float("inf") if i == 2 else 2.0])}
+    root, _ = make_run("safetensors", steps=(1, 2, 3, 4, 5), extra=extra)
+    with pytest.raises(CkptavgError, match=r"step 3: tensor 'x' averages to NaN/Inf"):
+        series(ckptavg.discover(root), tmp_path / "s", window=2, progress=False)
+    assert not [p for p in (tmp_path / "s").iterdir()]  # no output, complete or temporary
+    res = series(ckptavg.discover(root), tmp_path / "s", window=2, allow_nonfinite=True, progress=False)
+    assert torch.isinf(load_file(res[1].path / "model.safetensors")["x"][1])
