@@ -7,7 +7,8 @@ VENV ?= .venv
 # torch pulls the CUDA build (several GB); 2.13.0 resolves to the CPU wheel on our machines.
 # Elsewhere: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test
+# eval: lm-eval for `ckptavg eval` and its tests.
+EXTRAS ?= test,eval
 PY := $(VENV)/bin/python
 DEMO_OUT ?= example
 

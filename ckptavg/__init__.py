@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .discovery import discover
     from .engine import average
     from .errors import CkptavgError
+    from .evaluate import score
     from .selection import Selection
     from .trajectory import Checkpoint, Trajectory
 
@@ -30,9 +31,10 @@ _LAZY = {
     "Checkpoint": "trajectory",
     "Trajectory": "trajectory",
     "Selection": "selection",
+    "score": "evaluate",
 }
 
-__all__ = ["Checkpoint", "CkptavgError", "Selection", "Trajectory", "__version__", "average", "discover"]
+__all__ = ["Checkpoint", "CkptavgError", "Selection", "Trajectory", "__version__", "average", "discover", "score"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,335 @@
+"""ckptavg eval: the in-memory path against the from-disk path, our scores against lm-eval run by
+hand, the held-out loss against transformers' own loss, and the CLI on top.
+
+One tiny GPT-NeoX run (5 checkpoints, noise around one random model) with a tiny BPE tokenizer
+trained here on the packaged task's words; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ckptavg
+from ckptavg import Selection
+from ckptavg.cli import cli
+from ckptavg.evaluate import TASKS_DIR, _offline_env, packaged_tasks, score
+
+pytest.importorskip("lm_eval", reason="the eval extra is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = (100, 200, 300, 400, 500)
+TASK_DATA = TASKS_DIR / "ckptavg_basics" / "ckptavg_basics.jsonl"
+HELD_OUT = [
+    "The opposite of cold is hot, and the opposite of night is day.",
+    "One mouse, two mice; one goose, two geese; one child, two children.",
+    "Today I sing; yesterday I sang. Today I swim; yesterday I swam.",
+    "A week has seven days and a year has twelve months.",
+]
+
+
+def run(*args: object):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    docs = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
+    corpus = [d["question"] + " " + " ".join(d["choices"]) for d in docs] + HELD_OUT
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=192, special_tokens=["<|endoftext|>", "<unk>"],
+                                                        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+    """runs/tiny/step{100..500}: HF directories (safetensors, config.json, tokenizer files)."""
+    from safetensors.torch import save_file
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    centre = GPTNeoXForCausalLM(config).state_dict()
+    root = tmp_path_factory.mktemp("runs") / "tiny"
+    for i, step in enumerate(STEPS):
+        g = torch.Generator().manual_seed(i)
+        d = root / f"step{step}"
+        d.mkdir(parents=True)
+        save_file({k: (v + 0.2 * torch.randn(v.shape, generator=g)).contiguous() for k, v in centre.items()},
+                  d / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+    return root
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("text")
+    (d / "valid.txt").write_text(" ".join(HELD_OUT))
+    (d / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD_OUT))
+    return {"txt": d / "valid.txt", "jsonl": d / "valid.jsonl"}
+
+
+def _listing(p: Path) -> list[str]:
+    return sorted(str(x.relative_to(p)) for x in p.rglob("*"))
+
+
+# In memory vs from disk ----------------------------------------------------------------------
+SPECS = {
+    "window": (dict(selection=Selection(window=3, at=400)), lambda t: t.window(3, at=400), {}),
+    "ema": (dict(selection=Selection(window=4), method="ema", half_life=100), lambda t: t.last(4),
+            {"method": "ema", "half_life": 100}),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS), ids=list(SPECS))
+def test_in_memory_average_scores_exactly_like_the_merged_directory(eval_run, held_out, tmp_path, name):
+    spec, pick, merge_kw = SPECS[name]
+    before = _listing(eval_run.parent)
+    mem = score(eval_run, "ckptavg_basics", limit=40, text=held_out["txt"], seq_len=16, batch_size=8, progress=False,
+                **spec)
+    assert _listing(eval_run.parent) == before  # averaged in memory: nothing written anywhere near the run
+
+    merged = ckptavg.average(pick(ckptavg.discover(eval_run)), tmp_path / "merged", progress=False, **merge_kw)
+    disk = score(merged, "ckptavg_basics", limit=40, text=held_out["txt"], seq_len=16, batch_size=8)
+
+    assert mem["ckptavg"]["loaded_from"] == "memory" and disk["ckptavg"]["loaded_from"] == "disk"
+    assert mem["results"] == disk["results"]
+    assert mem["held_out"]["loss"] == disk["held_out"]["loss"]
+    assert mem["n-samples"]["ckptavg_basics"] == {"original": 99, "effective": 40}
+    # Same provenance either way: the in-memory record has ckptavg.json's inputs and weights.
+    strip = lambda rec: [(i["step"], i["weight"]) for i in rec["inputs"]]  # noqa: E731
+    assert strip(mem["ckptavg"]["weights"]) == strip(disk["ckptavg"]["weights"])
+    assert mem["ckptavg"]["weights"]["method"] == disk["ckptavg"]["weights"]["method"]
+
+
+def test_one_step_of_a_run_scores_like_that_checkpoint_directory(eval_run, held_out):
+    kw = dict(limit=40, text=held_out["jsonl"], seq_len=16, batch_size=8)
+    mem = score(eval_run, "ckptavg_basics", step=300, progress=False, **kw)
+    disk = score(eval_run / "step300", "ckptavg_basics", **kw)
+    assert (mem["ckptavg"]["loaded_from"], disk["ckptavg"]["loaded_from"]) == ("memory", "disk")
+    assert [i["step"] for i in mem["ckptavg"]["weights"]["inputs"]] == [300]
+    assert mem["results"] == disk["results"] and mem["held_out"] == disk["held_out"]
+
+
+def test_averages_differ_from_single_checkpoints(eval_run, held_out):
+    """Guards the equality tests above against a path that ignores its weights."""
+    losses = {s: score(eval_run, step=s, text=held_out["txt"], seq_len=16)["held_out"]["loss"] for s in (100, 500)}
+    avg = score(eval_run, selection=Selection(steps=(100, 500)), text=held_out["txt"], seq_len=16)["held_out"]["loss"]
+    assert len({losses[100], losses[500], avg}) == 3
+
+
+def test_hub_trajectory_is_averaged_in_memory_like_local_files(eval_run, held_out, tmp_path, monkeypatch):
+    """hf:// selections download through ckptavg.hub (a loopback Hub, tests/hubserver.py), then
+    take the same in-memory path; the same weights give the same held-out loss as on disk."""
+    from huggingface_hub import constants
+    from hubserver import HubServer, Repo
+
+    repo = Repo("org/tiny-eval")
+    for step in (300, 400, 500):
+        repo.commit(f"step{step}", {f.name: f.read_bytes() for f in (eval_run / f"step{step}").iterdir()})
+    server = HubServer([repo])
+    home = tmp_path / "hf_home"
+    for name, value in {
+        "ENDPOINT": server.url, "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": False,
+        "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+    }.items():
+        monkeypatch.setattr(constants, name, value, raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with server:
+        mem = score("hf://org/tiny-eval", selection=Selection(window=2), text=held_out["txt"], seq_len=16,
+                    progress=False)
+    disk = score(ckptavg.average(ckptavg.discover(eval_run).window(2), tmp_path / "m", progress=False),
+                 text=held_out["txt"], seq_len=16)
+    assert mem["ckptavg"]["loaded_from"] == "memory"
+    assert [i["step"] for i in mem["ckptavg"]["weights"]["inputs"]] == [400, 500]
+    assert len(server.downloads("model.safetensors")) == 2  # the window's two revisions, fetched over HTTP
+    assert mem["held_out"] == disk["held_out"]
+
+
+# Against lm-eval and transformers, run by hand -----------------------------------------------
+def test_scores_match_lm_eval_run_directly_on_the_saved_checkpoint(eval_run, tmp_path):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_local.yaml").write_text(
+        "task: tiny_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {TASK_DATA}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    merged = ckptavg.average(ckptavg.discover(eval_run).window(2), tmp_path / "merged", progress=False)
+
+    ours = score(eval_run, "tiny_local", selection=Selection(window=2), include_path=tasks, limit=60, batch_size=4,
+                 progress=False)
+    lm = HFLM(pretrained=str(merged), device="cpu", batch_size=4)
+    theirs = lm_eval.simple_evaluate(model=lm, tasks=["tiny_local"], limit=60, log_samples=False,
+                                     task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    assert theirs is not None
+    assert ours["results"]["tiny_local"] == theirs["results"]["tiny_local"]
+    assert ours["n-samples"] == theirs["n-samples"] == {"tiny_local": {"original": 99, "effective": 60}}
+
+
+def _windows(ids: list[int], n: int) -> list[list[int]]:
+    return [w for w in (ids[i : i + n] for i in range(0, len(ids), n)) if len(w) >= 2]
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_held_out_loss_equals_transformers_loss(eval_run, held_out, tokenizer, kind):
+    from transformers import AutoModelForCausalLM
+
+    got = score(eval_run / "step200", text=held_out[kind], seq_len=16, batch_size=3)["held_out"]
+
+    model = AutoModelForCausalLM.from_pretrained(eval_run / "step200").eval()
+    if kind == "txt":
+        ids = tokenizer(held_out["txt"].read_text(), add_special_tokens=False).input_ids
+    else:
+        ids = []
+        for i, t in enumerate(HELD_OUT):
+            ids += ([tokenizer.eos_token_id] if i else []) + tokenizer(t, add_special_tokens=False).input_ids
+    total = count = 0.0
+    with torch.no_grad():
+        for w in _windows(ids, 16):
+            x = torch.tensor([w])
+            total += model(input_ids=x, labels=x).loss.item() * (len(w) - 1)
+            count += len(w) - 1
+    assert got["tokens"] == len(ids) and got["predicted_tokens"] == count
+    assert got["windows"] == len(_windows(ids, 16)) and got["documents"] == (1 if kind == "txt" else len(HELD_OUT))
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+def test_one_window_is_exactly_the_model_loss(eval_run, held_out, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer(held_out["txt"].read_text(), add_special_tokens=False).input_ids
+    got = score(eval_run / "step500", text=held_out["txt"], seq_len=len(ids))["held_out"]
+    model = AutoModelForCausalLM.from_pretrained(eval_run / "step500").eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert got["windows"] == 1 and got["loss"] == pytest.approx(model(input_ids=x, labels=x).loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("spec", [None, Selection()], ids=["disk", "memory"])
+def test_weights_that_do_not_fit_the_config_are_refused(eval_run, held_out, tmp_path, spec):
+    import shutil
+
+    d = tmp_path / "step500"
+    shutil.copytree(eval_run / "step500", d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))  # the weights have 2 layers
+    with pytest.raises(ckptavg.CkptavgError, match=r"tensor 'gpt_neox\.layers\.2\..*' is missing"):
+        score(d, selection=spec, text=held_out["txt"], progress=False)
+
+
+# Command line --------------------------------------------------------------------------------
+def test_cli_json_output_and_results_file(eval_run, held_out, tmp_path):
+    out = tmp_path / "res" / "eval.json"
+    r = run("eval", eval_run, "--window", 2, "--tasks", "ckptavg_basics", "--limit", 20, "--batch-size", 4,
+            "--text", held_out["jsonl"], "--seq-len", 16, "--output", out, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data == json.loads(out.read_text())
+    assert data["n-samples"]["ckptavg_basics"] == {"original": 99, "effective": 20}
+    assert set(data["results"]["ckptavg_basics"]) >= {"acc,none", "acc_stderr,none", "acc_norm,none"}
+    assert data["configs"]["ckptavg_basics"]["dataset_path"] == "json"  # lm-eval's own keys are kept
+    prov = data["ckptavg"]
+    assert prov["loaded_from"] == "memory" and prov["tasks"] == ["ckptavg_basics"] and prov["limit"] == 20
+    assert [(i["step"], i["weight"]) for i in prov["weights"]["inputs"]] == [(400, 0.5), (500, 0.5)]
+    assert prov["weights"]["method"] == {"name": "uniform"} and prov["model"]["class"] == "GPTNeoXForCausalLM"
+    assert data["held_out"]["seq_len"] == 16 and data["held_out"]["loss"] > 0
+
+
+def test_cli_table(eval_run):
+    r = run("eval", eval_run, "--step", 400, "--tasks", "ckptavg_basics", "--limit", 10)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("weights: step 400 of ") and lines[0].endswith("in memory")
+    assert lines[1].split() == ["task", "metric", "value"]
+    assert lines[2].split()[:2] == ["ckptavg_basics", "acc"] and lines[3].split()[:2] == ["ckptavg_basics", "acc_norm"]
+
+
+def test_missing_lm_eval_names_the_extra_and_text_still_works(eval_run, held_out, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    r = run("eval", eval_run, "--window", 2, "--tasks", "ckptavg_basics")
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        "Error: scoring tasks needs lm-evaluation-harness (missing module 'lm_eval'): pip install 'ckptavg[eval]'"
+    )
+    r = run("eval", eval_run / "step100", "--text", held_out["txt"], "--json")
+    assert r.exit_code == 0, r.output
+    assert "results" not in json.loads(r.stdout) and json.loads(r.stdout)["held_out"]["loss"] > 0
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--tasks", "ckptavg_basics"], "a run of 5 checkpoints (steps 100..500); choose one with --step S"),
+    (["--window", 2, "--tasks", "ckptavg_basic"], "unknown task 'ckptavg_basic'; did you mean 'ckptavg_basics'"),
+    (["--window", 2], "nothing to score"),
+    (["--step", 100, "--window", 2, "--text", ROOT / "README.md"], "not both"),
+    (["--step", 150, "--text", ROOT / "README.md"], "no checkpoint at step 150"),
+    (["--window", 2, "--tasks", "ckptavg_basics", "--include-path", ROOT / "nope"], "must be a folder of task YAMLs"),
+], ids=["run-without-spec", "unknown-task", "nothing-to-score", "step-and-window", "bad-step", "bad-include-path"])
+def test_bad_input_gives_one_line_errors(eval_run, args, msg):
+    r = run("eval", eval_run, *args)
+    assert r.exit_code != 0
+    assert msg in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_eval_has_help_and_cli_start_stays_light():
+    assert len(run("eval", "--help").output) > 500
+    code = ("import sys, ckptavg.cli, ckptavg; ckptavg.score.__doc__; "
+            "assert not {'torch', 'lm_eval', 'transformers'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Offline and packaging -----------------------------------------------------------------------
+def test_offline_sets_the_hf_variables_for_the_call_only(monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    for k in names:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    with _offline_env(True):
+        assert [os.environ.get(k) for k in names] == ["1"] * 3
+        assert hub_constants.HF_HUB_OFFLINE is True
+    assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
+
+
+def test_offline_run_of_the_packaged_task(eval_run):
+    r = score(eval_run, "ckptavg_basics", step=500, limit=5, offline=True)
+    assert r["ckptavg"]["offline"] is True and r["n-samples"]["ckptavg_basics"]["effective"] == 5
+
+
+def test_packaged_task_is_well_formed_and_shipped():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    assert packaged_tasks() == ["ckptavg_basics"]
+    docs = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
+    assert len(docs) == 99 and len({d["question"] for d in docs}) == 99
+    for d in docs:
+        assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4 and 0 <= d["label"] < 4
+    assert sorted({d["label"] for d in docs}) == [0, 1, 2, 3]
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ckptavg"]
+    for f in (TASKS_DIR / "ckptavg_basics").iterdir():
+        assert any(fnmatch(str(f.relative_to(ROOT / "ckptavg")), g) for g in globs), f
