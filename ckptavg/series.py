@@ -28,7 +28,7 @@ from . import engine
 from .discovery import check_compatible, read_index
 from .errors import CkptavgError
 from .io import CheckpointReader
-from .io.dtypes import DType, from_accumulator, parse_dtype, to_accumulator
+from .io.dtypes import DType, from_accumulator, parse_dtype, to_accumulator, to_torch
 from .io.safetensors import TensorInfo, read_header
 from .io.sinks import SafetensorsDirSink, begin_directory, commit_directory
 from .manifest import MANIFEST_NAME
@@ -402,8 +402,6 @@ def iter_series(
     >>> for target, sd in iter_series(discover("runs/tiny"), window=5):   # doctest: +SKIP
     ...     model.load_state_dict(sd); score(model, target.step)
     """
-    import torch
-
     traj = trajectory
     targets = plan(traj, window=window, method=method, decay=decay, half_life=half_life, stride=stride,
                    start=start, stop=stop, steps=steps, partial=partial, non_overlapping=non_overlapping)
@@ -455,10 +453,7 @@ def iter_series(
                     vals = from_accumulator(run[info.name] * scale, dt)
                 else:
                     dt, vals = info.dtype, r.read(info.name)
-                x = torch.from_numpy(np.ascontiguousarray(vals))
-                if dt.name in ("BF16", "BOOL") or dt.name.startswith("F8"):
-                    x = x.view(getattr(torch, dt.torch_name))
-                sd[info.name] = x.reshape(info.shape)
+                sd[info.name] = to_torch(vals, dt, info.shape)
         yield t, sd
 
 

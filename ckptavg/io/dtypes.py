@@ -8,6 +8,7 @@ uint16 bit patterns and converted by hand (``bf16_to_f32`` / ``f32_to_bf16``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -108,3 +109,13 @@ def from_accumulator(acc: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype.name == "BF16":
         return f32_to_bf16(acc if acc.dtype == np.float32 else acc.astype(np.float32))
     return acc.astype(dtype.storage)
+
+
+def to_torch(values: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> Any:
+    """Raw stored values (flat numpy, no copy) -> a torch tensor of ``dtype`` and ``shape``."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(values))
+    if x.dtype != getattr(torch, dtype.torch_name):  # BF16/F8 carried as integers, BOOL as uint8
+        x = x.view(getattr(torch, dtype.torch_name))
+    return x.reshape(shape)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import CkptavgError
+from .dtypes import to_torch
 from .safetensors import SafetensorsWriter, TensorInfo, plan_shards, shard_names, write_index
 
 
@@ -62,15 +63,7 @@ class StateDictSink:
         self.arrays[name][start : start + len(values)] = values
 
     def state_dict(self) -> dict[str, Any]:
-        import torch
-
-        out = {}
-        for t in self.entries:
-            x = torch.from_numpy(self.arrays.pop(t.name))
-            if t.dtype.name in ("BF16", "BOOL") or t.dtype.name.startswith("F8"):
-                x = x.view(getattr(torch, t.dtype.torch_name))
-            out[t.name] = x.reshape(t.shape)
-        return out
+        return {t.name: to_torch(self.arrays.pop(t.name), t.dtype, t.shape) for t in self.entries}
 
 
 _TMP_TAG = ".ckptavg-tmp-"
