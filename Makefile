@@ -8,7 +8,9 @@ VENV ?= .venv
 # Elsewhere: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 # eval: lm-eval for `ckptavg eval` and its tests.
-EXTRAS ?= test,eval
+# demo: lm-eval and matplotlib for `ckptavg demo` (make demo) and its tests.
+# plot, ray: matplotlib for `ckptavg plot`, Ray for `ckptavg sweep --executor ray`, and their tests.
+EXTRAS ?= test,eval,demo,plot,ray
 PY := $(VENV)/bin/python
 DEMO_OUT ?= example
 
@@ -16,7 +18,7 @@ DEMO_OUT ?= example
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"

@@ -263,15 +263,18 @@ def series_cmd(path: str, out: Path, window: int | None, method: str, decay: flo
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("example"), show_default=True,
-              help="Folder for the example run and its average.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+              help="Folder for the run (reused if already trained), the plot and the LAWA merge.")
+@click.option("--zero-shot/--no-zero-shot", default=True, show_default=True,
+              help="Also score the lm-eval multiple-choice task at a few steps.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
-def demo(out: Path, quiet: bool) -> None:
-    """Build a small GPT-NeoX run (8 checkpoints) and average its last 5 with `merge`."""
+def demo(out: Path, zero_shot: bool, quiet: bool) -> None:
+    """Train a tiny Pythia on a synthetic language at a high learning rate (or reuse the run in
+    OUT), average it at every checkpoint (LAWA k=5, EMA), score raw vs averaged on held-out text,
+    print a table and save OUT/lawa.png. About a minute on 2 CPU cores."""
     from .demo import run_demo
 
-    for line in run_demo(out, progress=not quiet):
-        click.echo(line)
+    click.echo(run_demo(out, zero_shot=zero_shot, progress=not quiet).report())
 
 
 @cli.command("eval")
@@ -333,6 +336,56 @@ def eval_cmd(target: str, tasks: str | None, include_path: tuple[Path, ...], lim
         tokenizer=tokenizer, offline=offline, output=output, progress=not quiet and not as_json,
     )
     click.echo(to_json(result) if as_json else summary_table(result))
+
+
+@cli.command("sweep")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one job after the other here; ray: a Ray task per job (its GPU when eval.device is cuda).")
+@click.option("--address", help="ray: the cluster to join, e.g. auto [default: start a local Ray].")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [default: the recipe's output].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def sweep_cmd(recipe: Path, executor: str, address: str | None, out: Path | None, quiet: bool) -> None:
+    """Score the raw checkpoint and its LAWA/EMA averages at every target step of RECIPE.
+
+    RECIPE is a YAML file: trajectory (folder or hf://org/name), steps, variants, eval, output.
+    Results are appended to OUTPUT/results.jsonl (with results.csv and results.md);
+    re-running resumes, retrying failed jobs. Exit code 1 when a job failed.
+
+    \b
+    Examples:
+      ckptavg sweep recipes/demo.yaml
+      ckptavg sweep recipes/pythia-160m-deduped-lawa.yaml --executor ray --address auto
+    """
+    from .sweep import run_sweep
+
+    try:
+        report = run_sweep(recipe, out=out, executor=executor, address=address, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished jobs are in the table: run the same command to resume", err=True)
+        sys.exit(130)
+    click.echo(report.summary())
+    if report.failed:
+        sys.exit(1)
+
+
+@cli.command("plot")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write [default: results.png beside the table].")
+@click.option("--task", "tasks", multiple=True, help="Only this task (held_out: the held-out loss); repeatable.")
+@click.option("--metric", "metrics", multiple=True, help="Only this metric, e.g. acc; repeatable.")
+@_friendly_errors
+def plot_cmd(results: Path, out: Path | None, tasks: tuple[str, ...], metrics: tuple[str, ...]) -> None:
+    """Draw metric vs step, one line per variant, from a sweep's RESULTS (its folder or results.jsonl).
+
+    \b
+    Example:
+      ckptavg plot sweeps/demo --task held_out -o demo.png
+    """
+    from .plot import plot_results
+
+    click.echo(f"wrote {plot_results(results, out, tasks=tasks, metrics=metrics)}")
 
 
 def main() -> None:

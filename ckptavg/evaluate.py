@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import CkptavgError
 from .selection import Selection
+from .trajectory import Trajectory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -194,7 +195,7 @@ def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    target: str | os.PathLike[str],
+    target: str | os.PathLike[str] | Trajectory,
     *,
     step: int | None = None,
     selection: Selection | None = None,
@@ -210,7 +211,8 @@ def load_model(
     """Build the transformers model (eval mode, on ``device``) for a target.
 
     Args:
-        target: an HF directory (e.g. a ``ckptavg merge`` output), a single checkpoint, or a run.
+        target: an HF directory (e.g. a ``ckptavg merge`` output), a single checkpoint, or a run;
+            or a Trajectory already discovered (a sweep discovers a Hub run once, not per job).
         step: the run's checkpoint at this step, read in memory.
         selection: a merge spec on the run, averaged in memory with ``method``/``weights``/
             ``decay``/``half_life`` exactly as :func:`ckptavg.average` does; nothing is written.
@@ -239,7 +241,10 @@ def load_model(
     torch_dtype = _torch_dtype(dtype)
     if step is not None and selection is not None:
         raise CkptavgError("give either --step (one checkpoint) or a merge spec (--window/--at …), not both")
-    traj = discover(target)
+    if isinstance(target, Trajectory):
+        traj, target = target, target.root or target.name
+    else:
+        traj = discover(target)
     if step is not None:
         selection = Selection(steps=(step,))
     spec = selection is not None or method != "uniform" or any(x is not None for x in (weights, decay, half_life))
@@ -407,7 +412,7 @@ def held_out_loss(
 
 # The one call --------------------------------------------------------------------------------
 def score(
-    target: str | os.PathLike[str],
+    target: str | os.PathLike[str] | Trajectory,
     tasks: str | Sequence[str] | None = None,
     *,
     include_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,

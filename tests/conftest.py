@@ -123,3 +123,23 @@ def tree_hash(path: Path) -> dict[str, str]:
         if p.is_file():
             out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's real trained trajectory (``ckptavg.demo.build_run``: tiny Pythia on the synthetic
+    language, step0/1/2/4/…/600 in Pythia's layout). Trained once (~40 s on 2 cores) and kept in
+    pytest's cache folder, keyed by the training config, so later sessions reuse it."""
+    import shutil
+
+    from ckptavg.demo import DEMO, RUN_NAME, build_run
+
+    name = f"ckptavg-demo-{DEMO.key()}"
+    cache = getattr(request.config, "cache", None)
+    if cache is None:  # -p no:cacheprovider
+        return build_run(tmp_path_factory.mktemp("demo") / RUN_NAME, progress=False)[0]
+    root = cache.mkdir(name)
+    for old in root.parent.glob("ckptavg-demo-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)  # runs of an older recipe
+    return build_run(root / RUN_NAME, progress=False)[0]

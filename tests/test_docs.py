@@ -21,11 +21,14 @@ def test_readme_shows_the_two_setup_commands_and_ci_runs_the_test_one():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_main_job_runs(tmp_path):
+def test_readme_main_job_runs(tmp_path, demo_run):
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / demo_run.name).symlink_to(demo_run)  # the session's trained run: `make demo` reuses it
     r = subprocess.run(["make", "demo", f"DEMO_OUT={tmp_path / 'ex'}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "wrote" in r.stdout and "loaded it with transformers" in r.stdout
-    assert (tmp_path / "ex" / "pythia-tiny-uniform5-step8000" / "ckptavg.json").is_file()
+    assert "held-out loss" in r.stdout and "LAWA k=5 beats raw at" in r.stdout and "zero-shot" in r.stdout
+    assert (tmp_path / "ex" / "lawa.png").is_file()
+    assert (tmp_path / "ex" / "pythia-critter-uniform5-step600" / "ckptavg.json").is_file()
 
 
 def test_every_cli_command_in_readme_exists():

@@ -1,0 +1,186 @@
+"""The demo's synthetic language, its trained trajectory (the session fixture ``demo_run``, a real
+600-step run in Pythia's layout, cached across sessions), and ``ckptavg demo`` itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckptavg import discover
+from ckptavg.cli import cli
+from ckptavg.demo import DEMO, DemoConfig, TrainConfig
+from ckptavg.series import iter_series, series
+from ckptavg.synthlang import COLOURS, FOODS, HOMES, NUMBERS, corpus, train_tokenizer, world, write_task
+
+SMALL = {"n_train": 2000, "n_heldout": 200}
+
+
+def test_generator_is_a_pure_function_of_the_seed():
+    a, b, c = corpus(0, **SMALL), corpus(0, **SMALL), corpus(1, **SMALL)
+    assert a == b
+    assert a.train != c.train and a.world != c.world
+    assert len(a.train) == 2000 and len(a.heldout) == 200
+
+
+def test_held_out_split_shares_no_document_with_training():
+    c = corpus(DEMO.seed, n_train=DEMO.n_train, n_heldout=DEMO.n_heldout)
+    assert not set(c.train) & set(c.heldout)
+    assert len(set(c.heldout)) > 0.9 * len(c.heldout)  # mostly distinct documents, not one repeated
+
+
+def test_world_facts_and_task_answers_agree():
+    crs = world(0)
+    names = [c.name for c in crs]
+    assert len(set(names)) == len(names) and not set(names) & set(COLOURS + HOMES + FOODS + NUMBERS)
+    by_name = {c.name: c for c in crs}
+    kinds = {"food": 0, "home": 0, "colour": 0, "sum": 0, "agreement": 0}
+    for item in corpus(0, **SMALL).task:
+        kinds[item["kind"]] += 1
+        answer, q = item["choices"][item["label"]], item["question"].split()
+        assert len(set(item["choices"])) == len(item["choices"])
+        if item["kind"] == "food":
+            assert answer == by_name[q[3]].food
+        elif item["kind"] == "home":
+            assert answer == by_name[q[1]].home
+        elif item["kind"] == "colour":
+            assert answer == by_name[q[4]].colour
+        elif item["kind"] == "sum":
+            assert NUMBERS.index(answer) == NUMBERS.index(q[0]) + NUMBERS.index(q[2])
+        else:
+            assert answer == ("eats" if q[0] == "the" else "eat")
+    assert all(kinds.values())
+
+
+def test_task_files_are_an_lm_eval_multiple_choice_task(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    items = corpus(0, **SMALL).task
+    path = write_task(tmp_path / "task", items, "critter_facts")
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["task"] == "critter_facts" and cfg["dataset_path"] == "json" and cfg["output_type"] == "multiple_choice"
+    data = cfg["dataset_kwargs"]["data_files"]["test"]
+    assert data.startswith("/")  # lm-eval resolves relative data_files against the working directory
+    assert [json.loads(line) for line in open(data)] == list(items)
+
+
+def test_schedule_and_pythia_save_steps():
+    cfg = TrainConfig()
+    assert cfg.save_steps()[:8] == (0, 1, 2, 4, 8, 16, 20, 40)
+    assert cfg.save_steps()[-1] == cfg.steps and all(s % 20 == 0 for s in cfg.save_steps()[6:])
+    assert cfg.lr_at(0) == pytest.approx(cfg.lr / cfg.warmup)
+    assert cfg.lr_at(200) == cfg.lr
+    assert [cfg.lr_at(s) for s in range(cfg.spike_end - cfg.spike_steps, cfg.spike_end)] == [cfg.lr * cfg.spike_factor] * cfg.spike_steps
+    assert cfg.lr_at(cfg.spike_end) == cfg.lr
+    assert cfg.lr_at(cfg.steps - 1) == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-2)
+    assert TrainConfig(lr=0.01).key() != cfg.key() and TrainConfig().key() == cfg.key()
+
+
+def test_tokenizer_is_byte_level_bpe_with_pythia_specials(demo_run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_run / "step600")
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id, len(tok)) == ("<|endoftext|>", 0, 1, DEMO.vocab_size)
+    text = corpus(DEMO.seed, **SMALL).heldout[0]
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(ids) <= len(text.split()) + 4  # BPE learnt the language's words, not bytes
+    fresh = train_tokenizer(corpus(DEMO.seed, n_train=DEMO.n_train, n_heldout=DEMO.n_heldout).train, DEMO.vocab_size)
+    assert fresh(text)["input_ids"] == ids  # deterministic
+
+
+def test_trajectory_is_discovered_in_pythia_layout(demo_run):
+    traj = discover(demo_run)
+    assert traj.steps == list(DEMO.save_steps())
+    assert traj.steps[:7] == [0, 1, 2, 4, 8, 16, 20]  # log-spaced early steps, as Pythia's step0/1/2/4/…/512
+    for c in traj:
+        names = {p.name for p in (demo_run / f"step{c.step}").iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+        assert c.format == "safetensors"
+    tensors = traj[-1].tensors
+    assert "embed_out.weight" in tensors and "gpt_neox.embed_in.weight" in tensors  # Pythia's tensor names
+    n = sum(math.prod(t.shape) for t in tensors.values())
+    assert 0.5e6 <= n <= 3e6
+    config = json.loads((demo_run / "step600" / "config.json").read_text())
+    assert config["model_type"] == "gpt_neox" and config["use_parallel_residual"] is True
+
+
+def _loss(run, step, heldout):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ckptavg.evaluate import held_out_loss
+
+    model = AutoModelForCausalLM.from_pretrained(run / f"step{step}", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(run / f"step{step}")
+    return held_out_loss(model, tok, heldout, seq_len=DEMO.context, batch_size=64)["loss"]
+
+
+def test_held_out_loss_falls_over_training(demo_run, tmp_path):
+    from ckptavg.demo import write_data
+
+    heldout = write_data(tmp_path, DEMO).heldout
+    losses = [_loss(demo_run, s, heldout) for s in (0, 20, 100, 300, 600)]
+    assert losses[0] == pytest.approx(math.log(DEMO.vocab_size), abs=0.1)  # untrained: uniform over the vocabulary
+    assert losses == sorted(losses, reverse=True)
+    assert losses[-1] < 1.0
+
+
+def _states(run, steps):  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    return [load_file(run / f"step{s}" / "model.safetensors") for s in steps]
+
+
+@pytest.mark.parametrize("at", [300, 600], ids=["high-lr", "last"])
+def test_lawa_on_the_trained_run_equals_an_independent_average(demo_run, tmp_path, at):
+    traj = discover(demo_run)
+    window = traj.window(5, at=at).steps
+    states = _states(demo_run, window)
+    oracle = {k: torch.stack([s[k].double() for s in states]).mean(0).float() for k in states[0]}
+    [(target, sd)] = list(iter_series(traj, window=5, steps=[at]))
+    assert target.step == at and [traj[i].step for i in target.inputs] == window
+    [out] = series(traj, tmp_path / "lawa", window=5, steps=[at], progress=False)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(out.path / "model.safetensors")
+    for k, v in oracle.items():
+        torch.testing.assert_close(sd[k], v, rtol=2e-7, atol=1e-9)  # fp64 sums, one fp32 rounding
+        torch.testing.assert_close(on_disk[k], v, rtol=2e-7, atol=1e-9)
+
+
+def test_ema_on_the_trained_run_equals_closed_form_weights(demo_run):
+    traj = discover(demo_run)
+    h = DemoConfig().ema_half_life
+    steps = traj.between(None, 300).steps
+    w = torch.tensor([0.5 ** ((300 - s) / h) for s in steps], dtype=torch.float64)
+    w /= w.sum()
+    states = _states(demo_run, steps)
+    [(_, sd)] = list(iter_series(traj, method="ema", half_life=h, steps=[300]))
+    for k in ("embed_out.weight", "gpt_neox.layers.0.attention.query_key_value.weight"):
+        oracle = sum(wi * s[k].double() for wi, s in zip(w, states)).float()
+        torch.testing.assert_close(sd[k], oracle, rtol=1e-6, atol=1e-8)
+
+
+def test_demo_command_prints_its_table_and_saves_the_plot(demo_run, tmp_path):
+    out = tmp_path / "ex"
+    out.mkdir()
+    (out / demo_run.name).symlink_to(demo_run, target_is_directory=True)  # the cached run: no training here
+    r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quiet", "--no-zero-shot"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "held-out loss" in r.output and "cached" in r.output
+    assert "high-lr: LAWA k=5 beats raw at" in r.output and "<- spike" in r.output
+    png = out / "lawa.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+    merged = out / f"{demo_run.name}-uniform5-step600"
+    assert json.loads((merged / "ckptavg.json").read_text())["method"]["name"] == "uniform"
+
+
+def test_importing_the_demo_modules_stays_light():
+    code = ("import sys, ckptavg.demo, ckptavg.synthlang, ckptavg.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
