@@ -37,7 +37,7 @@ from .trajectory import Checkpoint, Trajectory
 if TYPE_CHECKING:
     import torch
 
-CHUNK_ELEMS = 1 << 20  # 1M elements (4 MiB fp32): stays in L2/L3 while k inputs are added
+CHUNK_ELEMS = 1 << 18  # 256K elements (1 MiB fp32, 2 MiB fp64): the k chunks of a series ring stay in cache; measured faster than 64K or 1M for merge and series
 PREFETCH = 4  # chunks read ahead by the reader thread
 WRITE_DEPTH = 2  # chunks a writer thread may still be writing while the next ones are computed
 ACCUMULATORS = {"float32": np.float32, "float64": np.float64}
