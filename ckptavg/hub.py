@@ -485,6 +485,32 @@ def _verify(path: Path, f: HubFile) -> str | None:
     return None if got == want else f"bytes hash to {got[:12]}…, the Hub lists {want[:12]}…"
 
 
+def _stamp(path: Path, f: HubFile) -> tuple[Path, str]:
+    """Where ckptavg remembers that a cached blob was verified, and what it must still look like
+    (size, mtime, inode): a 12B revision is then hashed once, not at every run that uses it.
+    Kept beside the HF cache, not inside it, so huggingface_hub's cache tools never see it."""
+    st = path.resolve().stat()
+    return _cache_dir().parent / "ckptavg-verified" / f.content_id, f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def _verified(path: Path, f: HubFile) -> str | None:
+    """``_verify``, skipped for a blob verified before and untouched since."""
+    marker, state = _stamp(path, f)
+    try:
+        if marker.read_text() == state:
+            return None
+    except OSError:
+        pass
+    bad = _verify(path, f)
+    if bad is None:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(state)
+        except OSError:
+            pass  # a read-only cache: verify again next time
+    return bad
+
+
 def _drop(path: Path) -> None:
     """Remove a bad copy from the cache: the snapshot link and the blob it points to."""
     blob = path.parent / os.readlink(path) if path.is_symlink() else None
@@ -512,7 +538,7 @@ def _fetch(repo_id: str, branch: str, commit: str, f: HubFile, bar_class: type |
                 raise _hub_error(where, e) from None
             last = _first_line(e)
             continue
-        bad = _verify(path, f)
+        bad = _verified(path, f)
         if bad is None:
             return path
         _drop(path)

@@ -432,3 +432,21 @@ def test_series_over_hub_revisions_downloads_only_what_windows_need(hub, states,
         assert_exact(load_file(r.path / "model.safetensors"), oracle(states, [r.step - 1000, r.step]))
         assert (r.path / "config.json").is_file()
     assert sorted(p.name for p in (repo_cache(hub) / "refs").iterdir()) == ["step2000", "step3000", "step4000"]
+
+
+def test_cached_blobs_are_hashed_once_and_again_if_touched(hub, states, tmp_path, monkeypatch):
+    calls = []
+    real = hubmod._verify
+    monkeypatch.setattr(hubmod, "_verify", lambda path, f: calls.append(f.name) or real(path, f))
+    sel = ckptavg.discover(URI).window(1, at=4000)
+    ckptavg.average(sel, progress=False)
+    first = len(calls)
+    assert "model.safetensors" in calls
+    ckptavg.average(ckptavg.discover(URI).window(1, at=4000), progress=False)
+    assert len(calls) == first  # verified before, untouched since: not hashed again
+    blob = next(p for p in (repo_cache(hub) / "blobs").iterdir() if p.name == sel[0].source.weights[0].sha256)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1  # same size, other bytes: the stamp no longer matches, the copy is re-fetched
+    blob.write_bytes(bytes(data))
+    assert_exact(ckptavg.average(ckptavg.discover(URI).window(1, at=4000), progress=False), oracle(states, [4000]))
+    assert calls.count("model.safetensors") >= 2
