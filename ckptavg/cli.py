@@ -82,6 +82,27 @@ def _human(n: float) -> str:
     return str(n)
 
 
+_SELECTION_OPTIONS = (
+    click.option("--window", "-k", type=int, help="Average the latest k checkpoints (LAWA)."),
+    click.option("--at", type=int, help="Take the window that ends at this step."),
+    click.option("--from", "start", type=int, help="First step to consider (inclusive)."),
+    click.option("--to", "stop", type=int, help="Last step to consider (inclusive)."),
+    click.option("--every", type=int, help="Keep every n-th checkpoint (counted back from the newest)."),
+    click.option("--steps", help="Exactly these steps, comma-separated."),
+    click.option("--method", "-m", default="uniform", show_default=True, help="uniform, weighted or ema."),
+    click.option("--weights", help="weighted: one weight per selected checkpoint, comma-separated."),
+    click.option("--decay", type=float, help="ema: decay per checkpoint, e.g. 0.9."),
+    click.option("--half-life", type=float, help="ema: half-life in training steps (handles irregular spacing)."),
+)
+
+
+def _selection_options(fn: F) -> F:
+    """The selection and method flags, spelled the same for every command that averages."""
+    for option in reversed(_SELECTION_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckptavg")
 def cli() -> None:
@@ -141,16 +162,7 @@ def _default_out(root: str, method: str, k: int, last_step: int, decay: float | 
 @cli.command()
 @click.argument("path")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory [default: <run>-<method><k>-step<S> beside the run].")
-@click.option("--window", "-k", type=int, help="Average the latest k checkpoints (LAWA).")
-@click.option("--at", type=int, help="Take the window that ends at this step.")
-@click.option("--from", "start", type=int, help="First step to consider (inclusive).")
-@click.option("--to", "stop", type=int, help="Last step to consider (inclusive).")
-@click.option("--every", type=int, help="Keep every n-th checkpoint (counted back from the newest).")
-@click.option("--steps", help="Exactly these steps, comma-separated.")
-@click.option("--method", "-m", default="uniform", show_default=True, help="uniform, weighted or ema.")
-@click.option("--weights", help="weighted: one weight per selected checkpoint, comma-separated.")
-@click.option("--decay", type=float, help="ema: decay per checkpoint, e.g. 0.9.")
-@click.option("--half-life", type=float, help="ema: half-life in training steps (handles irregular spacing).")
+@_selection_options
 @click.option("--dtype", help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
 @click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--max-shard-size", help="Shard the output, e.g. 5GB, with model.safetensors.index.json.")
@@ -288,16 +300,7 @@ def demo(out: Path, zero_shot: bool, quiet: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps …")
 @click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto (the config's), float32, bfloat16, float16.")
 @click.option("--step", type=int, help="Score the one checkpoint at this step of the run at TARGET.")
-@click.option("--window", "-k", type=int, help="Average the latest k checkpoints in memory (LAWA).")
-@click.option("--at", type=int, help="Take the window that ends at this step.")
-@click.option("--from", "start", type=int, help="First step to consider (inclusive).")
-@click.option("--to", "stop", type=int, help="Last step to consider (inclusive).")
-@click.option("--every", type=int, help="Keep every n-th checkpoint (counted back from the newest).")
-@click.option("--steps", help="Exactly these steps, comma-separated.")
-@click.option("--method", "-m", default="uniform", show_default=True, help="uniform, weighted or ema.")
-@click.option("--weights", help="weighted: one weight per selected checkpoint, comma-separated.")
-@click.option("--decay", type=float, help="ema: decay per checkpoint, e.g. 0.9.")
-@click.option("--half-life", type=float, help="ema: half-life in training steps.")
+@_selection_options
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path),
               help="Held-out loss and perplexity on this .txt or .jsonl (\"text\" field) file; needs no lm-eval.")
 @click.option("--seq-len", type=int, help="--text window length [default: the model's context, at most 2048].")
