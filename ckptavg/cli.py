@@ -50,7 +50,7 @@ def _friendly_errors(fn: F) -> F:
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
         except KeyboardInterrupt:
-            click.echo("interrupted; no output was written", err=True)
+            click.echo("interrupted; nothing half-written was left in place (finished outputs are kept)", err=True)
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
