@@ -11,9 +11,6 @@ from .trajectory import Trajectory
 class Selection:
     """Applied in this order: explicit ``steps``, the ``start``..``stop`` range, ``every`` n-th,
     then the ``window`` of the latest k ending at step ``at`` (``at`` alone: everything up to it).
-
-    >>> Selection(window=5, at=5000).describe()
-    'window5-step5000'
     """
 
     window: int | None = None
@@ -35,11 +32,3 @@ class Selection:
         if self.window:
             sel = sel.last(self.window)
         return sel
-
-    def describe(self) -> str:
-        parts = []
-        if self.window:
-            parts.append(f"window{self.window}")
-        if self.at is not None:
-            parts.append(f"step{self.at}")
-        return "-".join(parts)
