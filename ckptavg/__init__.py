@@ -1,9 +1,9 @@
 """ckptavg: turn a training run's checkpoints into better models by averaging them.
 
     >>> import ckptavg
-    >>> traj = ckptavg.discover("runs/tiny")                               # doctest: +SKIP
-    >>> ckptavg.average(traj.window(5), "tiny-uniform5")                   # doctest: +SKIP
-    >>> sd = ckptavg.average(traj.last(5), method="ema", half_life=2000)   # doctest: +SKIP
+    >>> traj = ckptavg.discover("runs/tiny")                                          # doctest: +SKIP
+    >>> ckptavg.average(traj, "tiny-lawa5", selection=ckptavg.Selection(window=5))    # doctest: +SKIP
+    >>> sd = ckptavg.average(traj.last(5), method="ema", half_life=2000)              # doctest: +SKIP
 
 Importing this package is cheap: names resolve on first use, so ``ckptavg --help`` never pays
 for numpy, torch or lm_eval.
@@ -15,26 +15,49 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .errors import (
+    CheckpointError,
+    CkptavgError,
+    DuplicateError,
+    HubError,
+    IncompatibleError,
+    MethodError,
+    MissingDependencyError,
+    NonFiniteError,
+    OutputError,
+    OutputExistsError,
+    SelectionError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
-    from .discovery import discover
-    from .engine import average
-    from .errors import CkptavgError
-    from .evaluate import score
+    from .averaging import StateDict, average
+    from .eval import load_model, score
     from .selection import Selection
+    from .series import iter_series
+    from .sources import discover
+    from .sweep import run_sweep
     from .trajectory import Checkpoint, Trajectory
 
 _LAZY = {
-    "discover": "discovery",
-    "average": "engine",
-    "CkptavgError": "errors",
+    "discover": "sources",
+    "average": "averaging",
+    "StateDict": "averaging",
+    "iter_series": "series",
     "Checkpoint": "trajectory",
     "Trajectory": "trajectory",
     "Selection": "selection",
-    "score": "evaluate",
+    "score": "eval",
+    "load_model": "eval",
+    "run_sweep": "sweep",
 }
 
-__all__ = ["Checkpoint", "CkptavgError", "Selection", "Trajectory", "__version__", "average", "discover", "score"]
+__all__ = [
+    "CheckpointError", "Checkpoint", "CkptavgError", "DuplicateError", "HubError", "IncompatibleError",
+    "MethodError", "MissingDependencyError", "NonFiniteError", "OutputError", "OutputExistsError", "Selection",
+    "SelectionError", "StateDict", "Trajectory", "UsageError", "__version__", "average", "discover", "iter_series",
+    "load_model", "run_sweep", "score",
+]
 
 
 def __getattr__(name: str) -> Any:

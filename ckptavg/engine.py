@@ -1,41 +1,35 @@
-"""The tensor-at-a-time loop: read k chunks, accumulate in fp32, cast, hand to a sink.
+"""The chunk loop and the running-average state every averaging path uses.
 
-For each tensor of the newest checkpoint, in file order, and for each chunk of ``CHUNK_ELEMS``
-elements of it: read that chunk from every selected input, add it with its weight into an fp32
-(or fp64) accumulator, cast to the output dtype and give it to the sink. A reader thread fetches
-the next chunks while this thread adds, so reading and arithmetic overlap on two cores.
+:class:`RunningAverage` is the one piece of arithmetic: a weighted sum Σ wⱼ·xⱼ and its
+normaliser Σ wⱼ over a changing set of inputs, for a span of elements (a 256K-element chunk, or a
+whole tensor). It adds and removes inputs (raw stored values of any dtype, converted as they
+arrive), shrinks by an EMA factor, knows when its add/remove history may have drifted and must be
+recomputed exactly, refuses NaN/Inf, and emits the average in the output dtype. ``merge``
+(:func:`stream`), ``series`` (:func:`stream_series`) and :func:`ckptavg.iter_series` all use it.
 
-Peak memory is a few chunks (accumulator, scratch, prefetched reads), independent of k, of the
-tensor sizes and of the model size. Non-floating tensors (int/bool buffers such as GPT-NeoX's
-``attention.bias`` masks) are copied from the newest checkpoint, not averaged.
+:func:`stream` and :func:`stream_series` walk tensors in file order, chunk by chunk: a reader
+thread fetches the next chunks of every input while this thread adds, and a writer thread
+writes behind, so reading, arithmetic and writing overlap. Peak memory is a few chunks per input,
+independent of the model's size. Non-floating tensors (int/bool buffers such as GPT-NeoX's
+``attention.bias`` masks) are copied from the newest input, not averaged.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
-from . import hub as _hub
-from . import manifest as _manifest
-from . import methods
-from .discovery import CONFIG_FILES, check_compatible, read_tensors
-from .errors import CkptavgError
-from .io import CheckpointReader
-from .io.dtypes import DType, from_accumulator, parse_dtype, to_accumulator
-from .io.safetensors import TensorInfo, parse_size
-from .io.sinks import SafetensorsDirSink, Sink, StateDictSink, atomic_directory, check_output
-from .trajectory import Checkpoint, Trajectory
-
-if TYPE_CHECKING:
-    import torch
+from .errors import NonFiniteError
+from .io.dtypes import DType, from_accumulator, to_accumulator
+from .io.readers import CheckpointReader
+from .io.safetensors import TensorInfo
+from .io.sinks import Sink
 
 CHUNK_ELEMS = 1 << 18  # 256K elements (1 MiB fp32, 2 MiB fp64): the k chunks of a series ring stay in cache; measured faster than 64K or 1M for merge and series
 PREFETCH = 4  # chunks read ahead by the reader thread
@@ -45,7 +39,134 @@ ACCUMULATORS = {"float32": np.float32, "float64": np.float64}
 T = TypeVar("T")
 
 
-def _prefetch(tasks: Iterable[Callable[[], T]], pool: ThreadPoolExecutor, depth: int) -> Iterator[T]:
+class RunningAverage:
+    """Σ wⱼ·xⱼ / Σ wⱼ over a changing set of inputs, for ``size`` elements, in ``dtype`` (fp32/fp64).
+
+    Inputs arrive as raw stored values (bf16 bit patterns, fp16, fp32 …) with their
+    :class:`~ckptavg.io.dtypes.DType`, whole (:meth:`add`, for a chunk) or in parts at offsets
+    (:meth:`input`, for a model-sized sum filled chunk by chunk). Adding and removing in floating
+    point accumulates rounding: :attr:`drifted` turns True after more than twice as many updates as
+    current members, and the caller then recomputes the sum exactly from the members it holds.
+
+    Memory: ``size`` elements of ``dtype`` for the sum, plus one chunk of scratch.
+
+    Example:
+        >>> st = RunningAverage(3)
+        >>> st.add(np.array([1, 2, 3], np.float32), F32); st.add(np.array([3, 4, 5], np.float32), F32)  # doctest: +SKIP
+        >>> st.emit(F32)                                                                                   # doctest: +SKIP
+        array([2., 3., 4.], dtype=float32)
+    """
+
+    def __init__(self, size: int, dtype: Any = np.float32, *, allow_nonfinite: bool = False) -> None:
+        self.sum = np.zeros(size, dtype)  # (size,) the weighted sum
+        self._scratch = np.empty(min(size, CHUNK_ELEMS), dtype)  # one converted chunk
+        self.allow_nonfinite = allow_nonfinite
+        self.n = size  # elements in use: a tensor's last chunk is shorter
+        self.norm = 0.0  # Σ wⱼ
+        self.members: set[Any] = set()  # keys of the inputs in the sum
+        self._updates = 0  # adds and removes since the last exact (re)computation
+
+    def reset(self, n: int | None = None) -> None:
+        """Forget every input; use the first ``n`` elements from now on."""
+        self.n = self.sum.shape[0] if n is None else n
+        self.norm, self._updates = 0.0, 0
+        self.members = set()
+
+    def _put(self, raw: np.ndarray, dtype: DType, weight: float, sign: int, fresh: bool, at: int) -> None:
+        acc = self.sum[at : at + len(raw)]
+        if fresh:  # the first input is converted straight into the sum: no zeroing pass
+            to_accumulator(raw, dtype, acc)
+            if weight != 1.0:
+                acc *= weight
+            return
+        if sign > 0 and weight == 1.0 and raw.dtype.kind == "f":  # fp16/fp32: numpy's own cast, no scratch pass
+            np.add(acc, raw, out=acc)
+            return
+        for s in range(0, len(raw), len(self._scratch)):
+            part = raw[s : s + len(self._scratch)]
+            x = to_accumulator(part, dtype, self._scratch[: len(part)])
+            if weight != 1.0:
+                x *= weight
+            if sign > 0:
+                acc[s : s + len(part)] += x
+            else:
+                with np.errstate(invalid="ignore"):  # inf - inf: the NaN guard at emit names the input
+                    acc[s : s + len(part)] -= x
+
+    def _note(self, key: Any, weight: float, sign: int) -> None:
+        if sign > 0:
+            self.members.add(key if key is not None else ("input", len(self.members)))
+        else:
+            self.members.discard(key)
+        self.norm += sign * weight
+        self._updates += 1
+        if not self.members:  # the next input starts the sum afresh: no rounding residue survives
+            self.norm, self._updates = 0.0, 0
+
+    def add(self, raw: np.ndarray, dtype: DType, weight: float = 1.0, key: Any = None) -> None:
+        """Fold in one input's values (``len(raw) == n``) with ``weight``; ``key`` names it."""
+        self._put(raw, dtype, weight, 1, not self.members, 0)
+        self._note(key, weight, 1)
+
+    def remove(self, raw: np.ndarray, dtype: DType, weight: float = 1.0, key: Any = None) -> None:
+        """Take out input ``key``, added before with the same ``weight``."""
+        self._put(raw, dtype, weight, -1, False, 0)
+        self._note(key, weight, -1)
+
+    @contextmanager
+    def input(self, key: Any, weight: float = 1.0, sign: int = 1) -> Iterator[Callable[[np.ndarray, DType, int], None]]:
+        """Add (``sign=1``) or remove (``-1``) one input given in parts: ``put(raw, dtype, offset)``
+        for each part; the input counts as a member once the block ends. Every element of the sum
+        must be covered by the parts of an input that starts an empty sum."""
+        fresh = sign > 0 and not self.members
+        yield lambda raw, dtype, at: self._put(raw, dtype, weight, sign, fresh, at)
+        self._note(key, weight, sign)
+
+    def decay(self, factor: float) -> None:
+        """EMA: every input so far counts ``factor`` times less (sum and normaliser alike)."""
+        if self.members:
+            self.sum[: self.n] *= factor
+            self.norm *= factor
+
+    @property
+    def drifted(self) -> bool:
+        """More add/remove updates than twice the members since the sum was last exact."""
+        return self._updates > 2 * max(1, len(self.members))
+
+    def recompute(self, inputs: Iterable[tuple[Any, np.ndarray, DType, float]]) -> None:
+        """The sum again from scratch, from (key, raw values, dtype, weight) of the current members."""
+        self.reset(self.n)
+        for key, raw, dtype, weight in inputs:
+            self.add(raw, dtype, weight, key)
+        self._updates = 0
+
+    def emit(self, dtype: DType, into: np.ndarray | None = None, where: Callable[[], str] | None = None,
+             at: int = 0, n: int | None = None) -> np.ndarray:
+        """The average of elements [at, at+n) (default: all in use) as raw values of ``dtype``.
+
+        Args:
+            dtype: the output dtype.
+            into: an accumulator-dtype buffer of at least ``n`` for the average; None divides in
+                place (the sum is spent: for a one-shot merge whose inputs are not needed again).
+            where: builds the NaN/Inf message (called only when there are any).
+
+        Raises:
+            NonFiniteError: the span holds NaN/Inf and ``allow_nonfinite`` is off.
+        """
+        n = self.n - at if n is None else n
+        acc = self.sum[at : at + n]
+        if not self.allow_nonfinite and not (np.isfinite(acc.sum()) or np.isfinite(acc).all()):
+            raise NonFiniteError(where() if where else "the average holds NaN/Inf; pass --allow-nonfinite to write it anyway")
+        out = acc if into is None else into[:n]
+        if self.norm != 1.0:
+            np.divide(acc, self.norm, out=out)
+        elif into is not None:
+            np.copyto(out, acc)
+        return out if dtype.storage == out.dtype else from_accumulator(out, dtype)
+
+
+def prefetch(tasks: Iterable[Callable[[], T]], pool: ThreadPoolExecutor, depth: int) -> Iterator[T]:
+    """Results of ``tasks`` in order, with up to ``depth`` running ahead in ``pool``."""
     queue: deque[Any] = deque()
     it = iter(tasks)
     for task in it:
@@ -79,15 +200,14 @@ class WriteBehind:
             self._queue.popleft().result()
 
 
-def _chunks(numel: int, chunk: int) -> range:
-    return range(0, numel, chunk)
+def _spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, chunk):
+        yield start, min(chunk, numel - start)
 
 
-def _find_nonfinite(readers: Sequence[CheckpointReader], name: str, start: int, n: int) -> CheckpointReader | None:
+def _first_nonfinite(readers: Sequence[CheckpointReader], name: str, start: int, n: int) -> CheckpointReader | None:
     for r in readers:
-        raw = r.read(name, start, n)
-        info = r.tensors[name]
-        vals = to_accumulator(raw, info.dtype, np.empty(n, np.float32))
+        vals = to_accumulator(r.read(name, start, n), r.tensors[name].dtype, np.empty(n, np.float32))
         if not np.isfinite(vals).all():
             return r
     return None
@@ -97,7 +217,7 @@ def stream(
     readers: Sequence[CheckpointReader],
     weights: Sequence[float],
     plan: Sequence[TensorInfo],
-    out_dtypes: dict[str, DType],
+    out_dtypes: Mapping[str, DType],
     sink: Sink,
     *,
     accumulate: str = "float32",
@@ -105,214 +225,154 @@ def stream(
     on_bytes: Callable[[int], object] | None = None,
     chunk: int | None = None,
 ) -> None:
-    """Average ``readers`` with ``weights`` tensor by tensor into ``sink``.
+    """Average ``readers`` with ``weights`` tensor by tensor into ``sink`` (one model's worth).
 
     ``plan`` lists the tensors (name, input dtype, shape) in the order to process them; the last
-    reader is the newest checkpoint, the source of non-floating tensors.
+    reader is the newest checkpoint, the source of non-floating tensors. Uniform weights are
+    summed with weight 1 and divided once, as ``torch.stack(xs).mean(0)`` does.
     """
     chunk = chunk or CHUNK_ELEMS
-    acc_dtype = ACCUMULATORS[accumulate]
     active = [i for i, w in enumerate(weights) if w != 0.0]
     uniform = len({weights[i] for i in active}) == 1
     newest = len(readers) - 1
-    acc_bufs = [np.empty(chunk, acc_dtype) for _ in range(WRITE_DEPTH + 2)]  # rotated: writes may be in flight
-    tmp_buf = np.empty(chunk, acc_dtype)
-    produced = 0
+    # rotated: the writer may still hold the last WRITE_DEPTH emitted chunks
+    states = [RunningAverage(chunk, ACCUMULATORS[accumulate], allow_nonfinite=allow_nonfinite)
+              for _ in range(WRITE_DEPTH + 2)]
 
     def jobs() -> Iterator[Callable[[], np.ndarray]]:
         for info in plan:
             srcs = active if info.dtype.floating else [newest]
-            for start in _chunks(info.numel, chunk):
-                n = min(chunk, info.numel - start)
+            for start, n in _spans(info.numel, chunk):
                 for i in srcs:
                     yield lambda r=readers[i], name=info.name, s=start, n=n: r.read(name, s, n)
 
+    def culprit(info: TensorInfo, start: int, n: int) -> str:
+        bad = _first_nonfinite([readers[i] for i in active], info.name, start, n)
+        who = bad.label if bad is not None else "an input"
+        return (f"{who}: tensor {info.name!r} has NaN/Inf values; "
+                "refusing to average (pass --allow-nonfinite to average anyway)")
+
+    produced = 0
     with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool:
-        reads = _prefetch(jobs(), pool, PREFETCH)
+        reads = prefetch(jobs(), pool, PREFETCH)
         out = WriteBehind(sink, wpool, WRITE_DEPTH)
         for info in plan:
-            for start in _chunks(info.numel, chunk):
-                n = min(chunk, info.numel - start)
+            for start, n in _spans(info.numel, chunk):
                 if not info.dtype.floating:
                     raw = next(reads)
                     out.write(info.name, start, raw)
                     if on_bytes:
                         on_bytes(raw.nbytes)
                     continue
-                acc = acc_bufs[produced % len(acc_bufs)][:n]
+                st = states[produced % len(states)]
                 produced += 1
-                for j, i in enumerate(active):
+                st.reset(n)
+                for i in active:
                     raw = next(reads)
                     if on_bytes:
                         on_bytes(raw.nbytes)
-                    if j == 0:
-                        to_accumulator(raw, info.dtype, acc)
-                        if not uniform:
-                            acc *= weights[i]
-                    elif uniform and info.dtype.name != "BF16":
-                        np.add(acc, raw, out=acc)
-                    else:
-                        tmp = to_accumulator(raw, info.dtype, tmp_buf[:n])
-                        if not uniform:
-                            tmp *= weights[i]
-                        acc += tmp
-                if uniform:
-                    acc /= len(active)
-                if not allow_nonfinite and not np.isfinite(acc.sum()):
-                    bad = _find_nonfinite([readers[i] for i in active], info.name, start, n)
-                    if bad is not None:
-                        c = bad.checkpoint
-                        raise CkptavgError(
-                            f"step {c.step} ({c.location}): tensor {info.name!r} has NaN/Inf values; "
-                            "refusing to average (pass --allow-nonfinite to average anyway)"
-                        )
-                out_dt = out_dtypes[info.name]
-                out.write(info.name, start, acc if out_dt.storage == acc.dtype else from_accumulator(acc, out_dt))
+                    st.add(raw, info.dtype, 1.0 if uniform else weights[i])
+                out.write(info.name, start, st.emit(out_dtypes[info.name],
+                                                    where=lambda i=info, s=start, n=n: culprit(i, s, n)))
         out.flush()
 
 
-def _ensure_tensors(ckpts: list[Checkpoint]) -> list[Checkpoint]:
-    from dataclasses import replace
+@dataclass(frozen=True)
+class Target:
+    """One averaged model of a series: at ``step`` (trajectory index ``index``), from ``inputs``
+    (trajectory indices, oldest first) with ``weights``."""
 
-    out = []
-    for c in ckpts:
-        if c.tensors is None:
-            c = replace(c, tensors=read_tensors(c.format, list(c.files), c.index))
-        out.append(c)
-    return out
-
-
-def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]:
-    copied = []
-    if src is None:
-        return copied
-    for name in CONFIG_FILES:
-        p = src / name
-        if p.is_file():
-            shutil.copyfile(p, dst / name)
-            copied.append(name)
-    if dtype is not None and "config.json" in copied:
-        # The config's dtype tells from_pretrained(dtype="auto") what the weights are.
-        cfg_path = dst / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]  # 4.x and 5.x both read torch_dtype
-        for key in keys:
-            cfg[key] = dtype.torch_name
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    return copied
+    index: int
+    step: int
+    inputs: tuple[int, ...]
+    weights: tuple[float, ...]
 
 
-def finish_directory(
-    tmp: Path, ckpts: Sequence[Checkpoint], weights: Sequence[float], method: str, params: dict[str, Any],
-    out_dtype: DType | None, accumulate: str, root: str, hashes: dict[Path, str] | None = None,
-) -> None:
-    """Config/tokenizer files of the newest input and ``ckptavg.json`` next to the weights."""
-    _copy_configs(ckpts[-1].config_dir, tmp, out_dtype)
-    files = sorted([p.name for p in tmp.iterdir()] + [_manifest.MANIFEST_NAME])
-    _manifest.write(tmp, _manifest.build(
-        ckpts, weights, method, params,
-        dtype=out_dtype.torch_name if out_dtype else "same as inputs",
-        accumulate=accumulate, trajectory=root, hashes=hashes, files=files,
-    ))
-
-
-@overload
-def average(checkpoints: Trajectory | Sequence[Checkpoint], out: None = None, **kwargs: Any) -> dict[str, torch.Tensor]: ...
-@overload
-def average(checkpoints: Trajectory | Sequence[Checkpoint], out: str | os.PathLike[str], **kwargs: Any) -> Path: ...
-def average(
-    checkpoints: Trajectory | Sequence[Checkpoint],
-    out: str | os.PathLike[str] | None = None,
+def stream_series(
+    readers: Mapping[int, CheckpointReader],
+    targets: Sequence[Target],
+    tensors: Sequence[TensorInfo],
+    out_dtypes: Mapping[str, DType],
+    sinks: Mapping[int, Sink],
     *,
-    method: str = "uniform",
-    weights: Sequence[float] | None = None,
-    decay: float | None = None,
-    half_life: float | None = None,
-    dtype: str | None = None,
-    accumulate: Literal["float32", "float64"] = "float32",
-    max_shard_size: int | str | None = None,
-    force: bool = False,
-    hash_inputs: bool = False,
+    ema_factors: Sequence[float] | None = None,
     allow_nonfinite: bool = False,
-    allow_duplicates: bool = False,
-    progress: bool = True,
-) -> Path | dict[str, torch.Tensor]:
-    """Average checkpoints, streaming one tensor chunk at a time.
+    on_bytes: Callable[[int], object] | None = None,
+    steps: Sequence[int] | None = None,
+) -> None:
+    """Every target of a series, reading each input chunk once (tensor-major over the run).
 
-    Args:
-        checkpoints: the selection to average (a Trajectory or a list of Checkpoints), oldest first.
-        out: output directory (HF-loadable: safetensors + config/tokenizer files of the newest
-            checkpoint + ``ckptavg.json``), written atomically. ``None``: return a state dict.
-        method: ``uniform``, ``weighted`` (with ``weights``) or ``ema`` (with ``decay`` or
-            ``half_life`` in steps); see :mod:`ckptavg.methods`.
-        dtype: output dtype of floating tensors (default: the inputs' dtype).
-        accumulate: ``float32`` (default) or ``float64`` accumulator.
-        max_shard_size: shard the output (``"5GB"``), with an HF index file.
-        force: replace an existing non-empty ``out``.
-        hash_inputs: record each input file's sha256 in the manifest (one extra read).
-        allow_nonfinite: average tensors holding NaN/Inf instead of refusing.
-        allow_duplicates: average Hub revisions whose weights are byte-identical to another step
-            branch's instead of refusing (see :func:`ckptavg.hub.materialise`).
-        progress: show a tqdm bar (bytes read) on stderr.
-
-    Returns:
-        The output directory, or ``{name: torch.Tensor}`` when ``out`` is None.
-
-    Raises:
-        CkptavgError: incompatible checkpoints, bad weights, unusable output path, NaN/Inf.
-
-    Example:
-        >>> traj = discover("runs/tiny")                              # doctest: +SKIP
-        >>> average(traj.window(5, at=5000), "tiny-lawa5-step5000")   # doctest: +SKIP
+    For each chunk of each tensor, the inputs are read in step order; a ring keeps the raw chunks
+    later targets still need and one :class:`RunningAverage` (fp64) follows the window (uniform)
+    or the whole run (``ema_factors[j]``: how much the EMA shrinks before input j). Each target's
+    chunk goes to ``sinks[target.step]`` at its offset. ``steps[j]`` is input j's step (for messages).
     """
-    ckpts = list(checkpoints)
-    if not ckpts:
-        raise CkptavgError("nothing selected: the selection has no checkpoints")
-    if accumulate not in ACCUMULATORS:
-        raise CkptavgError(f"accumulate must be float32 or float64, got {accumulate!r}")
-    params: dict[str, Any] = {"weights": list(weights) if weights is not None else None,
-                              "decay": decay, "half_life": half_life}
-    w = methods.weights(method, [c.step for c in ckpts], **params)
-    try:
-        out_dtype = parse_dtype(dtype) if dtype else None
-        shard_bytes = parse_size(max_shard_size) if max_shard_size else None
-    except ValueError as e:
-        raise CkptavgError(str(e)) from None
-    root = getattr(checkpoints, "root", "")
-    if out is not None:
-        check_output(Path(out), force, [Path(c.location) for c in ckpts] + ([Path(root)] if root else []))
-    ckpts = _hub.materialise(ckpts, allow_duplicates=allow_duplicates, progress=progress)  # hf:// → HF cache files
-    ckpts = _ensure_tensors(ckpts)
-    check_compatible(ckpts)
-    newest = ckpts[-1]
-    assert newest.tensors is not None
-    plan = list(newest.tensors.values())
-    out_dtypes = {t.name: (out_dtype if out_dtype and t.dtype.floating else t.dtype) for t in plan}
-    entries = [TensorInfo(t.name, out_dtypes[t.name], t.shape) for t in plan]
-    hashes = {f: _manifest.sha256_file(f) for c in ckpts for f in c.files} if hash_inputs else None
+    chunk = CHUNK_ELEMS
+    needed = sorted({j for t in targets for j in t.inputs})
+    by_index = {t.index: t for t in targets}
+    later: dict[int, set[int]] = {}  # inputs that targets after index i still need
+    acc: set[int] = set()
+    for t in reversed(targets):
+        later[t.index] = set(acc)
+        acc |= set(t.inputs)
 
-    active = [c for c, x in zip(ckpts, w) if x != 0.0]
-    total = sum(t.nbytes * (len(active) if t.dtype.floating else 1) for t in plan)
-    from tqdm import tqdm
+    def jobs() -> Iterator[Callable[[], np.ndarray]]:
+        for info in tensors:
+            for s0, n in _spans(info.numel, chunk):
+                for j in needed:
+                    yield lambda r=readers[j], name=info.name, s=s0, n=n: r.read(name, s, n)
 
-    readers: list[CheckpointReader] = []
-    with tqdm(total=total, unit="B", unit_scale=True, desc="averaging", disable=not progress, leave=False) as bar:
-        try:
-            readers = [CheckpointReader(c) for c in ckpts]
-            kw = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, on_bytes=bar.update)
-            if out is None:
-                sd_sink = StateDictSink(entries)
-                stream(readers, w, plan, out_dtypes, sd_sink, **kw)  # type: ignore[arg-type]
-                return sd_sink.state_dict()
-            with atomic_directory(Path(out), force=force) as tmp:
-                dir_sink = SafetensorsDirSink(tmp, entries, shard_bytes)
-                try:
-                    stream(readers, w, plan, out_dtypes, dir_sink, **kw)  # type: ignore[arg-type]
-                finally:
-                    dir_sink.close()
-                finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, str(root), hashes)
-            return Path(os.path.abspath(out))
-        finally:
-            for r in readers:
-                r.close()
+    st = RunningAverage(chunk, np.float64, allow_nonfinite=allow_nonfinite)
+    avg = np.empty(chunk, np.float64)  # emitted values are cast to a new array before the writer sees them
+
+    def message(info: TensorInfo, t: Target) -> Callable[[], str]:
+        span = f"steps {steps[t.inputs[0]]}..{t.step}" if steps else "its window"
+        return lambda: (f"step {t.step}: tensor {info.name!r} averages to NaN/Inf (an input in {span} holds "
+                        "NaN/Inf); pass --allow-nonfinite to write it anyway")
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool:
+        reads = prefetch(jobs(), pool, PREFETCH)
+        writers = {step: WriteBehind(sink, wpool, WRITE_DEPTH) for step, sink in sinks.items()}
+
+        def emit(info: TensorInfo, s0: int, t: Target) -> None:
+            out = st.emit(out_dtypes[info.name], avg, message(info, t))
+            writers[t.step].write(info.name, s0, out.copy() if np.shares_memory(out, avg) else out)
+
+        for info in tensors:
+            for s0, n in _spans(info.numel, chunk):
+                ring: dict[int, np.ndarray] = {}  # raw chunk of input j
+                st.reset(n)
+                for j in needed:
+                    raw = next(reads)
+                    if on_bytes:
+                        on_bytes(raw.nbytes)
+                    t = by_index.get(j)
+                    if not info.dtype.floating:
+                        if t is not None:
+                            writers[t.step].write(info.name, s0, raw)
+                        continue
+                    if ema_factors is not None:
+                        st.decay(ema_factors[j])
+                        st.add(raw, info.dtype, key=j)
+                        if t is not None:
+                            emit(info, s0, t)
+                        continue
+                    ring[j] = raw
+                    if t is None:
+                        continue
+                    for m in sorted(set(t.inputs) - st.members):
+                        st.add(ring[m], info.dtype, key=m)
+                    if st.drifted:  # exact again from the ring, so the running sum cannot drift
+                        st.recompute((m, ring[m], info.dtype, 1.0) for m in sorted(st.members))
+                    emit(info, s0, t)
+                    for m in [m for m in ring if m not in later[j]]:
+                        if m in st.members:
+                            st.remove(ring[m], info.dtype, key=m)
+                        del ring[m]
+        for wb in writers.values():
+            wb.flush()
+
+
+__all__ = ["ACCUMULATORS", "CHUNK_ELEMS", "RunningAverage", "Target", "WriteBehind", "prefetch", "stream", "stream_series"]

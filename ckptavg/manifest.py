@@ -52,7 +52,7 @@ def build(
         "dtype": dtype,
         "accumulate": accumulate,
         "inputs": inputs,
-        "files": list(files),
+        **({"files": list(files)} if files else {}),
     }
 
 

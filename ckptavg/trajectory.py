@@ -1,4 +1,4 @@
-"""Checkpoint and Trajectory: pure data, no I/O.
+"""Checkpoint, Trajectory and where a Hub checkpoint's files are: pure data, no I/O.
 
 A Trajectory is the ordered list of checkpoints of one run, and every selection on it (last k,
 the window ending at a step, a step range, every n-th, explicit steps) returns another Trajectory,
@@ -13,11 +13,44 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
-from .errors import CkptavgError
+from .errors import IncompatibleError, SelectionError
 
 if TYPE_CHECKING:
-    from .hub import HubSource
     from .io.safetensors import TensorInfo
+
+HUB_PREFIX = "hf://"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hub revision as the Hub lists it."""
+
+    name: str
+    size: int
+    sha256: str | None = None  # LFS oid; None for a small file stored in git
+    git_oid: str | None = None  # git blob id (of the LFS pointer, for an LFS file)
+
+    @property
+    def content_id(self) -> str:
+        """What identifies the bytes: the LFS sha256, else the git blob id."""
+        return self.sha256 or self.git_oid or self.name
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a Hub checkpoint's files are: repo, branch, the commit it pointed to, and its files."""
+
+    repo_id: str
+    revision: str  # the branch, e.g. "step1000"
+    commit: str  # the commit the branch pointed to at discovery; downloads are pinned to it
+    weights: tuple[HubFile, ...]  # in shard order
+    index: HubFile | None = None
+    configs: tuple[HubFile, ...] = ()  # config and tokenizer files present at this revision
+    same_as: tuple[str, ...] = ()  # other step branches holding byte-identical weight files
+
+    @property
+    def uri(self) -> str:
+        return f"{HUB_PREFIX}{self.repo_id}@{self.revision}"
 
 
 @dataclass(frozen=True)
@@ -28,7 +61,7 @@ class Checkpoint:
     are names → dtype/shape read from headers (None until known, e.g. for a Hub revision not yet
     downloaded); ``config_dir`` is where config and tokenizer files sit next to the weights.
     ``source`` is set for a Hub revision (repo, branch, commit, files with their sha256): its
-    ``files`` stay empty until :func:`ckptavg.hub.materialise` downloads them.
+    ``files`` stay empty until :func:`ckptavg.sources.materialise` downloads them.
     """
 
     step: int
@@ -60,7 +93,7 @@ class Trajectory(Sequence[Checkpoint]):
         seen: dict[int, Checkpoint] = {}
         for c in self.checkpoints:
             if c.step in seen:
-                raise CkptavgError(f"duplicate step {c.step}: {seen[c.step].location} and {c.location}")
+                raise SelectionError(f"duplicate step {c.step}: {seen[c.step].location} and {c.location}")
             seen[c.step] = c
 
     # Sequence protocol ---------------------------------------------------------------------
@@ -92,7 +125,7 @@ class Trajectory(Sequence[Checkpoint]):
         for c in self.checkpoints:
             if c.step == step:
                 return c
-        raise CkptavgError(f"{self.name}: no checkpoint at step {step}; {self._near(step)}")
+        raise SelectionError(f"{self.name}: no checkpoint at step {step}; {self._near(step)}")
 
     def _near(self, step: int) -> str:
         steps = self.steps
@@ -105,9 +138,9 @@ class Trajectory(Sequence[Checkpoint]):
     def last(self, k: int) -> Trajectory:
         """The latest ``k`` checkpoints (LAWA's window)."""
         if k < 1:
-            raise CkptavgError(f"window must be at least 1, got {k}")
+            raise SelectionError(f"window must be at least 1, got {k}")
         if k > len(self):
-            raise CkptavgError(f"{self.name}: window {k} needs {k} checkpoints, the selection has {len(self)}")
+            raise SelectionError(f"{self.name}: window {k} needs {k} checkpoints, the selection has {len(self)}")
         return self._with(self.checkpoints[-k:])
 
     def window(self, k: int, at: int | None = None) -> Trajectory:
@@ -127,9 +160,50 @@ class Trajectory(Sequence[Checkpoint]):
     def every(self, n: int) -> Trajectory:
         """Every ``n``-th checkpoint, counted back from the newest so the newest is kept."""
         if n < 1:
-            raise CkptavgError(f"--every must be at least 1, got {n}")
+            raise SelectionError(f"--every must be at least 1, got {n}")
         return self._with(self.checkpoints[::-1][::n][::-1])
 
     def select(self, steps: Iterable[int]) -> Trajectory:
         """Exactly these steps; each must exist."""
         return self._with(self.at(s) for s in sorted(set(steps)))
+
+
+def check_compatible(checkpoints: Iterable[Checkpoint]) -> None:
+    """Every checkpoint whose tensors are known has the newest one's tensor names, shapes and dtypes.
+
+    Raises:
+        IncompatibleError: naming the step, the tensor and what differs.
+    """
+    known = [c for c in checkpoints if c.tensors is not None]
+    if len(known) < 2:
+        return
+    ref = known[-1]
+    ref_t = ref.tensors or {}
+    for c in known[:-1]:
+        t = c.tensors or {}
+        where = str(c)
+        missing = [n for n in ref_t if n not in t]
+        if missing:
+            raise IncompatibleError(
+                f"{where}: tensor {missing[0]!r} is missing (present at step {ref.step}); "
+                "mixed architectures cannot be averaged"
+            )
+        extra = [n for n in t if n not in ref_t]
+        if extra:
+            raise IncompatibleError(
+                f"{where}: extra tensor {extra[0]!r} not present at step {ref.step}; "
+                "mixed architectures cannot be averaged"
+            )
+        for n, info in ref_t.items():
+            if t[n].shape != info.shape:
+                raise IncompatibleError(
+                    f"{where}: tensor {n!r} has shape {list(t[n].shape)}, step {ref.step} has {list(info.shape)}"
+                )
+            if t[n].dtype != info.dtype:
+                raise IncompatibleError(
+                    f"{where}: tensor {n!r} is {t[n].dtype.name}, step {ref.step} has {info.dtype.name}; "
+                    "convert them to one dtype first"
+                )
+
+
+__all__ = ["HUB_PREFIX", "Checkpoint", "HubFile", "HubSource", "Trajectory", "check_compatible"]

@@ -141,9 +141,9 @@ def test_lawa_on_the_trained_run_equals_an_independent_average(demo_run, tmp_pat
     window = traj.window(5, at=at).steps
     states = _states(demo_run, window)
     oracle = {k: torch.stack([s[k].double() for s in states]).mean(0).float() for k in states[0]}
-    [(target, sd)] = list(iter_series(traj, window=5, steps=[at]))
+    [(target, sd)] = list(iter_series(traj, Selection(window=5, steps=[at])))
     assert target.step == at and [traj[i].step for i in target.inputs] == window
-    [out] = series(traj, tmp_path / "lawa", window=5, steps=[at], progress=False)
+    [out] = series(traj, tmp_path / "lawa", Selection(window=5, steps=[at]), progress=False)
     from safetensors.torch import load_file
 
     on_disk = load_file(out.path / "model.safetensors")
@@ -159,7 +159,7 @@ def test_ema_on_the_trained_run_equals_closed_form_weights(demo_run):
     w = torch.tensor([0.5 ** ((300 - s) / h) for s in steps], dtype=torch.float64)
     w /= w.sum()
     states = _states(demo_run, steps)
-    [(_, sd)] = list(iter_series(traj, method="ema", half_life=h, steps=[300]))
+    [(_, sd)] = list(iter_series(traj, Selection(steps=[300]), method="ema", half_life=h))
     for k in ("embed_out.weight", "gpt_neox.layers.0.attention.query_key_value.weight"):
         oracle = sum(wi * s[k].double() for wi, s in zip(w, states)).float()
         torch.testing.assert_close(sd[k], oracle, rtol=1e-6, atol=1e-8)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckptavg
-from ckptavg.discovery import parse_step
+from ckptavg.local import parse_step
 from ckptavg.errors import CkptavgError
 from ckptavg.selection import Selection
 from conftest import integer_state, tiny_config, write_checkpoint

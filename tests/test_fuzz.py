@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptavg.discovery import parse_step
+from ckptavg.local import parse_step
 from ckptavg.errors import CkptavgError
 from ckptavg.io.dtypes import DTYPES
 from ckptavg.io.safetensors import read_header

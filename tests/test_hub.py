@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 import ckptavg
+from ckptavg.selection import Selection
 from ckptavg import hub as hubmod
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
@@ -120,7 +121,7 @@ def hub(repos, tmp_path, monkeypatch):
     }.items():
         monkeypatch.setattr(constants, name, value)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(hubmod, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(hubmod.transport, "RETRY_WAIT", 0.01)
     with server:
         server.home = home  # type: ignore[attr-defined]
         yield server
@@ -189,7 +190,7 @@ def test_one_revision_and_other_step_patterns(hub):
     ("hf://org/pythia-tiny@step999", None, r"the repo has no branch 'step999'; `ckptavg list hf://org/pythia-tiny`"),
     (URI, "step(", "not a regular expression"),
     (URI, "^step", "needs one group holding the step"),
-    ("hf://org/bad@step1", None, r"^hf://org/bad@step1/pytorch_model\.bin\.index\.json: lists shard pytorch_model-00002-of-00002\.bin, which this revision does not have$"),
+    ("hf://org/bad@step1", None, r"^hf://org/bad@step1/pytorch_model\.bin\.index\.json: shard pytorch_model-00002-of-00002\.bin is missing$"),
     ("hf://org/bad@step2", None, r"^hf://org/bad@step2/pytorch_model\.bin\.index\.json: not a valid index file"),
 ], ids=["unknown-repo", "dataset", "path", "main-not-a-step", "unknown-branch", "bad-regex", "no-group",
         "index-missing-shard", "index-not-json"])
@@ -426,7 +427,7 @@ def test_step_pattern_is_for_hub_trajectories_only(make_run):
 def test_series_over_hub_revisions_downloads_only_what_windows_need(hub, states, tmp_path):
     from ckptavg.series import series
 
-    res = series(ckptavg.discover(URI), tmp_path / "s", window=2, start=3000, stop=4000, progress=False)
+    res = series(ckptavg.discover(URI), tmp_path / "s", Selection(window=2, start=3000, stop=4000), progress=False)
     assert [r.step for r in res] == [3000, 4000]
     for r in res:
         assert_exact(load_file(r.path / "model.safetensors"), oracle(states, [r.step - 1000, r.step]))
@@ -436,8 +437,8 @@ def test_series_over_hub_revisions_downloads_only_what_windows_need(hub, states,
 
 def test_cached_blobs_are_hashed_once_and_again_if_touched(hub, states, tmp_path, monkeypatch):
     calls = []
-    real = hubmod._verify
-    monkeypatch.setattr(hubmod, "_verify", lambda path, f: calls.append(f.name) or real(path, f))
+    real = hubmod.cache._verify
+    monkeypatch.setattr(hubmod.cache, "_verify", lambda path, f: calls.append(f.name) or real(path, f))
     sel = ckptavg.discover(URI).window(1, at=4000)
     ckptavg.average(sel, progress=False)
     first = len(calls)

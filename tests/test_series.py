@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ckptavg
+from ckptavg.selection import Selection
 from ckptavg import engine
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
@@ -36,7 +37,7 @@ def ema_oracle(states, steps, h, i):
 def test_every_window_equals_independent_average(make_run, tmp_path, fmt, values, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK_ELEMS", 1000)  # several chunks per tensor
     root, states = make_run(fmt, steps=STEPS, values=values)
-    res = series(ckptavg.discover(root), tmp_path / "s", window=3, progress=False)
+    res = series(ckptavg.discover(root), tmp_path / "s", Selection(window=3), progress=False)
     assert [r.step for r in res] == list(STEPS[2:]) and all(r.written for r in res)
     for i, s in enumerate(STEPS):
         if i < 2:
@@ -60,7 +61,7 @@ def test_long_run_does_not_drift(make_run, tmp_path, monkeypatch):
     steps = tuple(range(1, 41))
     extra = {"big": lambda i: (torch.randn(64, generator=g) * 10.0 ** (i % 7 - 3)).float()}
     root, states = make_run("safetensors", steps=steps, values="random", extra=extra)
-    series(ckptavg.discover(root), tmp_path / "s", window=4, progress=False)
+    series(ckptavg.discover(root), tmp_path / "s", Selection(window=4), progress=False)
     for i in range(3, len(steps)):
         got = load_file(tmp_path / "s" / f"step{steps[i]}" / "model.safetensors")["big"]
         want = torch.stack([states[s]["big"].double() for s in steps[i - 3: i + 1]]).mean(0).float()
@@ -84,7 +85,7 @@ def test_reads_each_input_once_whatever_k(make_run, tmp_path, monkeypatch):
 
     def counting(self, name, start=0, count=None):
         out = real(self, name, start, count)
-        counts[self.checkpoint.step] = counts.get(self.checkpoint.step, 0) + out.nbytes
+        counts[self.label] = counts.get(self.label, 0) + out.nbytes
         return out
 
     monkeypatch.setattr(CheckpointReader, "read", counting)
@@ -92,39 +93,41 @@ def test_reads_each_input_once_whatever_k(make_run, tmp_path, monkeypatch):
     size = sum(t.nbytes for t in traj[0].tensors.values())
     for k in (2, 5, 10):
         counts.clear()
-        series(traj, tmp_path / f"k{k}", window=k, progress=False)
-        assert counts == {s: size for s in range(1, 13)}, k
+        series(traj, tmp_path / f"k{k}", Selection(window=k), progress=False)
+        assert sorted(counts.values()) == [size] * 12, k  # every input once, none twice
 
 
 def test_partial_stride_non_overlapping_and_range(make_run, tmp_path):
     root, states = make_run("safetensors", steps=tuple(range(10, 110, 10)))
     traj = ckptavg.discover(root)
-    assert [t.step for t in plan(traj, window=3)] == list(range(30, 110, 10))
-    assert [t.step for t in plan(traj, window=3, partial=True)][:2] == [10, 20]
-    assert plan(traj, window=3, partial=True)[0].inputs == (0,)
-    no = plan(traj, window=3, non_overlapping=True)
+    assert [t.step for t in plan(traj, Selection(window=3))] == list(range(30, 110, 10))
+    assert [t.step for t in plan(traj, Selection(window=3), partial=True)][:2] == [10, 20]
+    assert plan(traj, Selection(window=3), partial=True)[0].inputs == (0,)
+    no = plan(traj, Selection(window=3), non_overlapping=True)
     assert [t.inputs for t in no] == [(0, 1, 2), (3, 4, 5), (6, 7, 8)]
-    assert [t.step for t in plan(traj, window=2, stride=4)] == [20, 60, 100]
-    assert [t.step for t in plan(traj, window=2, start=50, stop=70)] == [50, 60, 70]
-    res = series(traj, tmp_path / "n", window=3, non_overlapping=True, progress=False)
+    assert [t.step for t in plan(traj, Selection(window=2, every=4))] == [20, 60, 100]
+    with pytest.warns(DeprecationWarning, match=r"plan\(window, stride=…\) is deprecated"):
+        assert [t.step for t in plan(traj, window=2, stride=4)] == [20, 60, 100]  # the old keywords, for one release
+    assert [t.step for t in plan(traj, Selection(window=2, start=50, stop=70))] == [50, 60, 70]
+    res = series(traj, tmp_path / "n", Selection(window=3), non_overlapping=True, progress=False)
     got = load_file(res[1].path / "model.safetensors")
     for n, v in got.items():
         assert torch.equal(v, torch.stack([states[s][n] for s in (40, 50, 60)]).mean(0))
     with pytest.raises(CkptavgError, match="fewer than 3 checkpoints"):
-        plan(traj, window=3, steps=[20])
+        plan(traj, Selection(window=3, steps=[20]))
     with pytest.raises(CkptavgError, match="drop --window"):
-        plan(traj, window=3, method="ema", half_life=10)
+        plan(traj, Selection(window=3), method="ema", half_life=10)
     with pytest.raises(CkptavgError, match="series supports"):
-        plan(traj, window=3, method="weighted")
+        plan(traj, Selection(window=3), method="weighted")
 
 
 def test_resume_skips_complete_targets_and_redoes_broken_ones(make_run, tmp_path):
     root, states = make_run("safetensors", steps=tuple(range(1, 8)))
     traj = ckptavg.discover(root)
-    first = series(traj, tmp_path / "r", window=2, progress=False)
+    first = series(traj, tmp_path / "r", Selection(window=2), progress=False)
     mtimes = {r.step: (r.path / "model.safetensors").stat().st_mtime_ns for r in first}
     (first[2].path / "model.safetensors").write_bytes(b"broken")
-    again = series(traj, tmp_path / "r", window=2, progress=False)
+    again = series(traj, tmp_path / "r", Selection(window=2), progress=False)
     assert [r.written for r in again] == [False, False, True, False, False, False]
     for r in again:
         if r.written:
@@ -134,15 +137,15 @@ def test_resume_skips_complete_targets_and_redoes_broken_ones(make_run, tmp_path
         else:
             assert (r.path / "model.safetensors").stat().st_mtime_ns == mtimes[r.step]
     # Other arguments make other outputs: nothing is reused.
-    assert all(r.written for r in series(traj, tmp_path / "r", window=3, progress=False))
+    assert all(r.written for r in series(traj, tmp_path / "r", Selection(window=3), progress=False))
 
 
 def test_iter_series_in_memory_equals_disk_series(make_run, tmp_path):
     root, states = make_run("bin", steps=STEPS[:8], values="random")
     traj = ckptavg.discover(root)
-    disk = {r.step: load_file(r.path / "model.safetensors") for r in series(traj, tmp_path / "d", window=3, progress=False)}
+    disk = {r.step: load_file(r.path / "model.safetensors") for r in series(traj, tmp_path / "d", Selection(window=3), progress=False)}
     seen = []
-    for t, sd in iter_series(traj, window=3):
+    for t, sd in iter_series(traj, Selection(window=3)):
         seen.append(t.step)
         for n in sd:
             torch.testing.assert_close(sd[n], disk[t.step][n], rtol=2e-7, atol=1e-7)
@@ -167,7 +170,7 @@ def test_series_cli_json_and_resume(make_run, tmp_path):
     r = CliRunner().invoke(cli, args)
     assert [o["written"] for o in json.loads(r.output)["outputs"]] == [False, False, False]
     r = CliRunner().invoke(cli, ["series", str(root), "-o", str(tmp_path / "x")])
-    assert r.exit_code == 1 and "needs --window" in r.output
+    assert r.exit_code == 2 and "needs --window" in r.output  # a missing flag is a usage error
     r = CliRunner().invoke(cli, ["series", str(root), "--window", "2", "-o", str(root / "inside")])
     assert r.exit_code == 1 and "inside the input" in r.output
 
@@ -176,7 +179,7 @@ def test_nonfinite_input_is_refused_naming_the_target(make_run, tmp_path):
     extra = {"x": lambda i: torch.tensor([1.0, float("inf") if i == 2 else 2.0])}
     root, _ = make_run("safetensors", steps=(1, 2, 3, 4, 5), extra=extra)
     with pytest.raises(CkptavgError, match=r"step 3: tensor 'x' averages to NaN/Inf"):
-        series(ckptavg.discover(root), tmp_path / "s", window=2, progress=False)
+        series(ckptavg.discover(root), tmp_path / "s", Selection(window=2), progress=False)
     assert not [p for p in (tmp_path / "s").iterdir()]  # no output, complete or temporary
-    res = series(ckptavg.discover(root), tmp_path / "s", window=2, allow_nonfinite=True, progress=False)
+    res = series(ckptavg.discover(root), tmp_path / "s", Selection(window=2), allow_nonfinite=True, progress=False)
     assert torch.isinf(load_file(res[1].path / "model.safetensors")["x"][1])

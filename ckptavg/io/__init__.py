@@ -1,71 +1,27 @@
-"""Readers (safetensors, torch, sharded) and writers; one tensor chunk at a time."""
+"""Tensor I/O, the leaf of the package: it imports nothing of ckptavg but :mod:`ckptavg.errors`.
+
+- :mod:`.dtypes`: safetensors dtypes, numpy storage, bf16 conversion, fp32/fp64 accumulators;
+- :mod:`.layout`: which files of a folder are the weights, index files, shard checks;
+- :mod:`.safetensors`, :mod:`.torchfile`: one reader per format (``pread``, never a mapping);
+- :mod:`.readers`: all the files of one checkpoint behind one ``read(name, start, count)``;
+- :mod:`.sinks`: where averaged chunks go (a safetensors folder, written atomically, or memory).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    from .readers import CheckpointReader, open_file
+    from .safetensors import SafetensorsFile, TensorInfo
 
-from ..errors import CkptavgError
-from ..trajectory import Checkpoint
-from .safetensors import SafetensorsFile, TensorInfo
-
-
-class WeightFile(Protocol):
-    path: Path
-    tensors: dict[str, TensorInfo]
-
-    def read(self, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray: ...
-    def close(self) -> None: ...
-
-
-def open_file(path: Path, fmt: str) -> WeightFile:
-    if fmt == "safetensors":
-        return SafetensorsFile(path)
-    from .torchfile import TorchFile
-
-    return TorchFile(path)
-
-
-class CheckpointReader:
-    """All weight files of one checkpoint behind one ``read(name, start, count)``."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self.checkpoint = ckpt
-        self._files: list[WeightFile] = []
-        self._where: dict[str, tuple[WeightFile, TensorInfo]] = {}
-        try:
-            for f in ckpt.files:
-                wf = open_file(f, ckpt.format)
-                self._files.append(wf)
-                for name, info in wf.tensors.items():
-                    self._where[name] = (wf, info)
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def tensors(self) -> dict[str, TensorInfo]:
-        return {n: info for n, (_, info) in self._where.items()}
-
-    def read(self, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
-        try:
-            wf, info = self._where[name]
-        except KeyError:
-            raise CkptavgError(f"step {self.checkpoint.step} ({self.checkpoint.location}): no tensor {name!r}") from None
-        return wf.read(info, start, count)
-
-    def close(self) -> None:
-        for wf in self._files:
-            wf.close()
-        self._files.clear()
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
+_LAZY = {"CheckpointReader": "readers", "open_file": "readers", "SafetensorsFile": "safetensors", "TensorInfo": "safetensors"}
 __all__ = ["CheckpointReader", "SafetensorsFile", "TensorInfo", "open_file"]
+
+
+def __getattr__(name: str) -> Any:  # numpy loads with the first reader, not with the package
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ckptavg.io' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)

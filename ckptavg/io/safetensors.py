@@ -17,13 +17,13 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CkptavgError
+from ..errors import CheckpointError
 from .dtypes import DTYPES, DType
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
@@ -47,8 +47,8 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
-def _fail(path: Path, what: str) -> CkptavgError:
-    return CkptavgError(f"{path}: not a valid safetensors file: {what}")
+def _fail(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a valid safetensors file: {what}")
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -65,7 +65,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise _fail(path, f"header length {n} runs past the end of the {size}-byte file")
             raw = f.read(n)
     except OSError as e:
-        raise CkptavgError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -118,7 +118,7 @@ def pread_into(fd: int, out: np.ndarray, pos: int, path: Path, name: str) -> Non
     while got < len(view):
         n = os.preadv(fd, [view[got:]], pos + got)
         if n == 0:
-            raise CkptavgError(f"{path}: file ended while reading tensor {name!r} (truncated?)")
+            raise CheckpointError(f"{path}: file ended while reading tensor {name!r} (truncated?)")
         got += n
 
 
@@ -216,24 +216,6 @@ def plan_shards(entries: Sequence[TensorInfo], max_shard_size: int | None) -> li
         shards[-1].append(t)
         size += t.nbytes
     return shards
-
-
-def shard_names(n: int, stem: str = "model") -> list[str]:
-    if n == 1:
-        return [f"{stem}.safetensors"]
-    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-
-
-def write_index(path: Path, shards: Iterable[tuple[str, Sequence[TensorInfo]]]) -> None:
-    """HF ``model.safetensors.index.json``: total size and tensor -> shard file."""
-    weight_map: dict[str, str] = {}
-    total = 0
-    for fname, entries in shards:
-        for t in entries:
-            weight_map[t.name] = fname
-            total += t.nbytes
-    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

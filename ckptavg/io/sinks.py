@@ -12,9 +12,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import CkptavgError
+from ..errors import OutputError, OutputExistsError
 from .dtypes import to_torch
-from .safetensors import SafetensorsWriter, TensorInfo, plan_shards, shard_names, write_index
+from .layout import SAFETENSORS_INDEX, shard_names, write_index
+from .safetensors import SafetensorsWriter, TensorInfo, plan_shards
 
 
 class Sink(Protocol):
@@ -42,7 +43,7 @@ class SafetensorsDirSink:
             self.close()
             raise
         if len(shards) > 1:
-            write_index(directory / "model.safetensors.index.json", zip(names, shards))
+            write_index(directory / SAFETENSORS_INDEX, zip(names, shards))
 
     def write(self, name: str, start: int, values: np.ndarray) -> None:
         self._route[name].write(name, start, values)
@@ -100,14 +101,14 @@ def check_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
     for p in inputs:
         src = Path(p).resolve()
         if target == src or src in target.parents:
-            raise CkptavgError(f"{out}: output would be written inside the input {p}; choose another -o")
+            raise OutputError(f"{out}: output would be written inside the input {p}; choose another -o")
         if target in src.parents and force:
-            raise CkptavgError(f"{out}: output contains the input {p}; --force would delete it")
+            raise OutputError(f"{out}: output contains the input {p}; --force would delete it")
     if out.exists():
         if not out.is_dir():
-            raise CkptavgError(f"{out}: exists and is not a directory")
+            raise OutputError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not force:
-            raise CkptavgError(f"{out}: already exists and is not empty; use --force to replace it")
+            raise OutputExistsError(f"{out}: already exists and is not empty; use --force to replace it")
 
 
 def begin_directory(out: Path, force: bool = False) -> Path:
@@ -120,7 +121,7 @@ def begin_directory(out: Path, force: bool = False) -> Path:
         tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except OSError as e:
-        raise CkptavgError(f"{out}: cannot create output: {e.strerror or e}") from None
+        raise OutputError(f"{out}: cannot create output: {e.strerror or e}") from None
     return tmp
 
 

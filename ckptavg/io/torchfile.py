@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CkptavgError
+from ..errors import CheckpointError
 from .dtypes import from_torch
 from .safetensors import TensorInfo, pread_into
 
@@ -52,17 +53,19 @@ def _load(path: Path, mmap: bool) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
         if "GLOBAL" in detail or "global" in detail:
-            raise CkptavgError(
+            raise CheckpointError(
                 f"{path}: refused to load: the pickle asks for code ({detail}); "
                 "only plain tensor checkpoints are read (weights_only=True)"
             ) from None
-        raise CkptavgError(f"{path}: not a readable torch checkpoint: {detail}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
-        raise CkptavgError(f"{path}: not a readable torch checkpoint: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {detail}") from None
+    except Exception as e:  # noqa: BLE001 — garbage bytes raise IndexError, KeyError, EOFError …: all mean "not a checkpoint"
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {_first_line(e)}") from None
 
 
 def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
@@ -83,7 +86,7 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-    raise CkptavgError(
+    raise CheckpointError(
         f"{path}: no state dict found (expected a dict of tensors, or one under one of the keys "
         f"{', '.join(STATE_DICT_KEYS)})"
     )
@@ -100,7 +103,7 @@ def _member_offsets(path: Path) -> dict[int, int]:
             f.seek(m.header_offset)
             local = f.read(30)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise CkptavgError(f"{path}: corrupt zip member {m.filename}")
+                raise CheckpointError(f"{path}: corrupt zip member {m.filename}")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             out[m.header_offset + 30 + name_len + extra_len] = m.file_size
     return out
@@ -147,7 +150,7 @@ class TorchFile:
             try:
                 dtype = from_torch(t.dtype)
             except ValueError:
-                raise CkptavgError(f"{self.path}: tensor {name!r} has unsupported dtype {t.dtype}") from None
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {t.dtype}") from None
             self.tensors[name] = TensorInfo(name, dtype, tuple(t.shape))
         self._where = _locate(sd, _member_offsets(self.path)) if self.zipped else {}
         # Keep torch's objects only for what pread cannot serve (legacy files, strided views).

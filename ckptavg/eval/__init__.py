@@ -28,18 +28,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .errors import CkptavgError
-from .selection import Selection
-from .trajectory import Trajectory
+from .._version import __version__
+from ..errors import CkptavgError
+from ..selection import Selection
+from ..trajectory import Trajectory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .trajectory import Checkpoint
+    from ..trajectory import Checkpoint
 
 EXTRA_HINT = "pip install 'ckptavg[eval]'"
-TASKS_DIR = Path(__file__).parent / "tasks"  # packaged tasks: TASKS_DIR/<name>/<name>.yaml
+TASKS_DIR = Path(__file__).parent.parent / "tasks"  # packaged tasks: TASKS_DIR/<name>/<name>.yaml
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 MAX_DEFAULT_SEQ_LEN = 2048  # held-out windows: the model's context, capped so long-context models stay quick
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -232,10 +232,10 @@ def load_model(
         >>> prov["loaded_from"]                                                       # doctest: +SKIP
         'memory'
     """
-    from . import manifest as _manifest
-    from . import methods
-    from .discovery import discover
-    from .engine import average
+    from .. import manifest as _manifest
+    from .. import methods
+    from ..sources import discover, materialise
+    from ..averaging import average
 
     _require_transformers()
     torch_dtype = _torch_dtype(dtype)
@@ -269,13 +269,9 @@ def load_model(
         ckpts = list((selection or Selection()).apply(traj))
         if not ckpts:
             raise CkptavgError(f"{target}: the selection has no checkpoints")
-        params: dict[str, Any] = {"weights": list(weights) if weights is not None else None,
-                                  "decay": decay, "half_life": half_life}
-        w = methods.weights(method, [c.step for c in ckpts], **params)  # bad method/weights fail before any read
-        if any(getattr(c, "source", None) is not None and not c.files for c in ckpts):
-            from .hub import materialise  # hf:// revisions → files in the HF cache, the newest's config too
-
-            ckpts = materialise(ckpts, progress=progress)
+        methods.weights(method, [c.step for c in ckpts], weights=weights, decay=decay,
+                        half_life=half_life)  # a bad method or weights fail before any download
+        ckpts = materialise(ckpts, progress=progress)  # hf:// revisions → files in the HF cache, the newest's config too
         newest = ckpts[-1]
         config_dir = newest.config_dir
         if config_dir is None or not (config_dir / "config.json").is_file():
@@ -291,14 +287,13 @@ def load_model(
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         tok_src = tokenizer or config_dir
         tok = _load_tokenizer(tok_src)
-        state = average(ckpts, method=method, weights=weights, decay=decay, half_life=half_life, progress=progress)
-        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype,
+        state = average(Trajectory(traj.name, tuple(ckpts), traj.root), method=method, weights=weights, decay=decay,
+                        half_life=half_life, progress=progress)
+        record = state.manifest
+        model, info = cls.from_pretrained(None, config=config, state_dict=dict(state), dtype=torch_dtype,
                                           output_loading_info=True)
         del state
         _check_loaded(model, info, newest.location)
-        record = _manifest.build(ckpts, w, method, params, dtype="same as inputs", accumulate="float32",
-                                 trajectory=str(traj.root))
-        record.pop("files")
         loaded_from = "memory"
     model = model.to(device).eval()
     provenance = {
@@ -538,37 +533,4 @@ def to_json(result: Mapping[str, Any]) -> str:
     return json.dumps(result, indent=2, default=_plain)
 
 
-def _describe(prov: Mapping[str, Any]) -> str:
-    rec = prov.get("weights") or {}
-    inputs = rec.get("inputs") or []
-    steps = [i["step"] for i in inputs]
-    method = (rec.get("method") or {}).get("name", "?")
-    if prov["loaded_from"] == "disk":
-        made = f" (ckptavg.json: {method} of {len(steps)} checkpoints, steps {steps[0]}..{steps[-1]})" if steps else ""
-        return f"weights: {prov['target']} from disk{made}"
-    if len(steps) == 1:
-        return f"weights: step {steps[0]} of {rec.get('trajectory') or prov['target']}, in memory"
-    return f"weights: {method} average of {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}), in memory"
-
-
-def summary_table(result: Mapping[str, Any]) -> str:
-    """A short human table: one row per task metric, plus the held-out loss."""
-    lines = [_describe(result["ckptavg"])] if "ckptavg" in result else []
-    rows: list[tuple[str, str, str, str]] = []
-    for task, metrics in (result.get("results") or {}).items():
-        for key, value in metrics.items():
-            metric, _, flt = key.partition(",")
-            if not flt or "_stderr" in metric or not isinstance(value, (int, float)):
-                continue
-            err = metrics.get(f"{metric}_stderr,{flt}")
-            err_s = f"± {err:.4f}" if isinstance(err, (int, float)) else ""
-            rows.append((task, metric if flt == "none" else f"{metric} ({flt})", f"{value:.4f}", err_s))
-    if held := result.get("held_out"):
-        rows.append((f"held-out {Path(held['file']).name}", "loss", f"{held['loss']:.4f}",
-                     f"ppl {held['perplexity']:.2f}, {held['predicted_tokens']} tokens"))
-    if rows:
-        rows.insert(0, ("task", "metric", "value", ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for r in rows:
-            lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
-    return "\n".join(lines)
+__all__ = ["held_out_loss", "load_model", "packaged_task", "packaged_tasks", "score", "to_json"]

@@ -44,12 +44,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .errors import CkptavgError
-from .selection import Selection
+from .._version import __version__
+from ..errors import CkptavgError
+from ..selection import Selection
 
 if TYPE_CHECKING:
-    from .trajectory import Trajectory
+    from ..trajectory import Trajectory
 
 TABLE = "results.jsonl"
 CSV = "results.csv"
@@ -448,7 +448,7 @@ def _rows(job: Job, spec: _Eval, executor: str, metrics: list[dict[str, Any]], e
 def _run_job(job: Job, spec: _Eval, executor: str = "local") -> list[dict[str, Any]]:
     """Fetch → average in memory → score one job; its table rows. Never raises for a failing job:
     the error becomes one ``status: failed`` row (KeyboardInterrupt still stops the caller)."""
-    from . import evaluate
+    from .. import eval as evaluate
 
     t0 = time.perf_counter()
     v = job.variant
@@ -737,17 +737,6 @@ class SweepReport:
     ran: int
     failed: tuple[tuple[int, str, str], ...]
 
-    def summary(self) -> str:
-        """A few lines for people."""
-        ok = self.ran - len(self.failed)
-        lines = [f"{self.jobs} jobs: {self.ran} run now ({ok} ok, {len(self.failed)} failed), "
-                 f"{self.skipped} already in the table",
-                 f"table: {self.table} (summaries: {self.csv.name}, {self.markdown.name})"]
-        lines += [f"failed: step {s} {v}: {e}" for s, v, e in self.failed]
-        if self.failed:
-            lines.append("re-run the sweep to retry the failed jobs")
-        return "\n".join(lines)
-
 
 def run_sweep(
     recipe: Recipe | str | os.PathLike[str] | Mapping[str, Any],
@@ -777,9 +766,9 @@ def run_sweep(
 
     Example:
         >>> r = run_sweep("recipes/demo.yaml")                  # doctest: +SKIP
-        >>> print(r.summary())                                  # doctest: +SKIP
+        >>> r.ran, r.failed                                      # doctest: +SKIP
     """
-    from .discovery import discover
+    from ..sources import discover
 
     if executor not in EXECUTORS:
         raise CkptavgError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
@@ -836,7 +825,7 @@ def _check_protocol(table: _Table, spec: _Eval) -> None:
 
 def _evict_consumed(job: Job, unfinished: Iterable[Job], evicted: set[int]) -> None:
     """Delete from the HF cache the Hub revisions no unfinished job needs any more."""
-    from .hub import evict
+    from ..sources import evict
 
     needed = {c.step for j in unfinished for c in j.inputs}
     spent = [c for c in job.inputs if c.source is not None and c.step not in needed and c.step not in evicted]

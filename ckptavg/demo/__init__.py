@@ -7,12 +7,12 @@
    model.safetensors, tokenizer files). A finished run is reused, keyed by its recipe.
 2. **Average** it at every checkpoint with the project's own :func:`ckptavg.series.iter_series`:
    LAWA (the latest k checkpoints, uniform) and an EMA, in memory.
-3. **Score** raw, LAWA and EMA on held-out Critter (:func:`ckptavg.evaluate.held_out_loss`) at
+3. **Score** raw, LAWA and EMA on held-out Critter (:func:`ckptavg.eval.held_out_loss`) at
    every checkpoint, and on a zero-shot multiple-choice task with lm-eval
-   (:func:`ckptavg.evaluate.score`) at a few; print a table and save a plot.
+   (:func:`ckptavg.eval.score`) at a few; print a table and save a plot.
 
     >>> result = run_demo("example")                                  # doctest: +SKIP
-    >>> print(result.report())                                        # doctest: +SKIP
+    >>> result.gains("high-lr")                                       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import synthlang
-from .errors import CkptavgError
+from ..errors import CkptavgError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .trajectory import Trajectory
+    from ..trajectory import Trajectory
 
 RUN_NAME = "pythia-critter"
 STAMP = "ckptavg-demo.json"  # in the run folder: the recipe it was trained with, and the training log
@@ -329,50 +329,6 @@ class DemoResult:
         c = getattr(self, curve)
         return {s: self.raw[s] - c[s] for s in sorted(c) if self.config.phase(s) == phase and s in self.raw}
 
-    def report(self) -> str:
-        """The table ``ckptavg demo`` prints."""
-        cfg, k = self.config, self.demo.window
-        how = "trained in" if self.trained else "cached; trained in"
-        lines = [
-            f"run {self.run}: {len(self.raw)} checkpoints, steps {min(self.raw)}..{max(self.raw)} "
-            f"({how} {self.seconds['train']:.0f} s)",
-            f"held-out loss (nats/token): raw checkpoint, LAWA k={k}, EMA half-life {self.demo.ema_half_life:g} steps",
-            f"{'step':>6}  {'phase':<8} {'raw':>7} {f'lawa{k}':>7} {'ema':>7}",
-        ]
-        show = [s for s in sorted(self.raw) if s >= 2 * cfg.save_every
-                and (s % (2 * cfg.save_every) == 0 or abs(s - cfg.spike_end) <= cfg.save_every)]
-        for s in show:
-            cells = [f"{c[s]:.4f}" if s in c else "-" for c in (self.raw, self.lawa, self.ema)]
-            mark = "  <- spike" if s == cfg.spike_end else ""
-            lines.append(f"{s:>6}  {cfg.phase(s):<8} {cells[0]:>7} {cells[1]:>7} {cells[2]:>7}{mark}")
-        for phase in ("high-lr", "cooldown"):
-            for curve, label in (("lawa", f"LAWA k={k}"), ("ema", "EMA")):
-                g = sorted(self.gains(phase, curve).values())
-                if g:
-                    lines.append(f"{phase:>8}: {label} beats raw at {sum(x > 0 for x in g)}/{len(g)} checkpoints; "
-                                 f"raw − {curve}: median {g[len(g) // 2]:+.4f}, mean {sum(g) / len(g):+.4f} nats")
-        end = cfg.spike_end
-        before = max(s for s in self.raw if s <= end - cfg.spike_steps)
-        if end in self.raw and end in self.lawa and end in self.ema:
-            lines.append(f"   spike: raw {self.raw[before]:.3f} at step {before} -> {self.raw[end]:.3f} at {end}; "
-                         f"there LAWA k={k} {self.lawa[end]:.3f}, EMA {self.ema[end]:.3f}")
-        if self.zero_shot:
-            by_step: dict[int, dict[str, float]] = {}
-            for z in self.zero_shot:
-                by_step.setdefault(z["step"], {})[z["variant"]] = z["acc"]
-            lines.append(f"zero-shot {TASK_NAME} accuracy (lm-eval; at {len(by_step)} steps only, "
-                         "as each call costs ~1 s):")
-            lines.append(f"{'step':>6}  {'raw':>6} {f'lawa{k}':>6} {'ema':>6}")
-            for s, v in sorted(by_step.items()):
-                cells = [f"{v[n]:.3f}" if n in v else "-" for n in ("raw", "lawa", "ema")]
-                lines.append(f"{s:>6}  " + " ".join(f"{x:>6}" for x in cells))
-        if self.merged is not None:
-            lines.append(f"wrote {self.merged} (LAWA k={k} at the last step, HF-loadable)")
-        if self.plot is not None:
-            lines.append(f"wrote {self.plot}")
-        lines.append("time: " + ", ".join(f"{n} {s:.1f} s" for n, s in self.seconds.items()))
-        return "\n".join(lines)
-
 
 def run_demo(
     out: str | os.PathLike[str] = "example",
@@ -395,7 +351,7 @@ def run_demo(
         progress: progress bars on stderr.
 
     Returns:
-        A :class:`DemoResult`; ``result.report()`` is the table ``ckptavg demo`` prints.
+        A :class:`DemoResult` (``ckptavg demo`` prints it as a table).
 
     Raises:
         CkptavgError: ``out/pythia-critter`` holds something else, a missing optional dependency,
@@ -405,10 +361,11 @@ def run_demo(
         >>> r = run_demo("example", zero_shot=False)                 # doctest: +SKIP
         >>> r.gains("high-lr")                                       # doctest: +SKIP
     """
-    from .discovery import discover
-    from .engine import average
-    from .evaluate import held_out_loss
-    from .series import iter_series
+    from ..sources import discover
+    from ..averaging import average
+    from ..eval import held_out_loss
+    from ..selection import Selection
+    from ..series import iter_series
 
     out = Path(out)
     seconds: dict[str, float] = {}
@@ -444,9 +401,9 @@ def run_demo(
                 return got
 
             raw = losses(_raw_states(traj))
-            lawa = losses((t.step, sd) for t, sd in iter_series(traj, window=k, start=first))
-            ema = losses((t.step, sd) for t, sd in iter_series(traj, method="ema", half_life=demo.ema_half_life,
-                                                                start=first))
+            lawa = losses((t.step, sd) for t, sd in iter_series(traj, Selection(window=k, start=first)))
+            ema = losses((t.step, sd) for t, sd in iter_series(traj, Selection(start=first), method="ema",
+                                                                half_life=demo.ema_half_life))
     finally:
         torch.set_num_threads(threads)
     seconds["score"] = time.perf_counter() - t0
@@ -501,8 +458,8 @@ def _zero_shot(traj: Trajectory, data: DemoData, config: TrainConfig, demo: Demo
                progress: bool) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from .evaluate import score
-    from .selection import Selection
+    from ..eval import score
+    from ..selection import Selection
 
     steps = _zero_shot_steps(traj, config, demo)
     variants: dict[str, Any] = {

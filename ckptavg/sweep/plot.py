@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import CkptavgError
-from .sweep import HELD_OUT, _table_path, _variant_order, load_results
+from ..errors import CkptavgError
+from . import HELD_OUT, _table_path, _variant_order, load_results
 
 PNG_NAME = "results.png"
 

@@ -1,0 +1,210 @@
+"""``average`` (in memory) and ``average_to`` a folder: fetch → plan → stream → manifest.
+
+The inputs' files are made local (Hub revisions downloaded into the HF cache), their headers read
+and checked against each other, the weights computed by the method, then :func:`ckptavg.engine.stream`
+averages tensor by tensor into a state dict or an HF-loadable folder that appears atomically, with
+the newest input's config/tokenizer files and ``ckptavg.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from . import manifest as _manifest
+from . import methods, sources
+from .engine import ACCUMULATORS, stream
+from .errors import SelectionError, UsageError
+from .io.dtypes import DType, parse_dtype
+from .io.layout import CONFIG_FILES, read_tensors
+from .io.readers import CheckpointReader
+from .io.safetensors import TensorInfo, parse_size
+from .io.sinks import SafetensorsDirSink, StateDictSink, atomic_directory, check_output
+from .selection import Selection
+from .trajectory import Checkpoint, Trajectory, check_compatible
+
+if TYPE_CHECKING:
+    import torch
+
+
+def ensure_tensors(ckpts: Sequence[Checkpoint]) -> list[Checkpoint]:
+    """The checkpoints with ``tensors`` read from their (local) headers where not known yet."""
+    out = []
+    for c in ckpts:
+        if c.tensors is None:
+            c = replace(c, tensors=read_tensors(c.format, list(c.files), c.index))
+        out.append(c)
+    return out
+
+
+def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]:
+    copied = []
+    if src is None:
+        return copied
+    for name in CONFIG_FILES:
+        p = src / name
+        if p.is_file():
+            shutil.copyfile(p, dst / name)
+            copied.append(name)
+    if dtype is not None and "config.json" in copied:
+        # The config's dtype tells from_pretrained(dtype="auto") what the weights are.
+        cfg_path = dst / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]  # 4.x and 5.x both read torch_dtype
+        for key in keys:
+            cfg[key] = dtype.torch_name
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return copied
+
+
+def finish_directory(
+    tmp: Path, ckpts: Sequence[Checkpoint], weights: Sequence[float], method: str, params: dict[str, Any],
+    out_dtype: DType | None, accumulate: str, root: str, hashes: dict[Path, str] | None = None,
+) -> None:
+    """Config/tokenizer files of the newest input and ``ckptavg.json`` next to the weights."""
+    _copy_configs(ckpts[-1].config_dir, tmp, out_dtype)
+    files = sorted([p.name for p in tmp.iterdir()] + [_manifest.MANIFEST_NAME])
+    _manifest.write(tmp, _manifest.build(
+        ckpts, weights, method, params,
+        dtype=out_dtype.torch_name if out_dtype else "same as inputs",
+        accumulate=accumulate, trajectory=root, hashes=hashes, files=files,
+    ))
+
+
+class StateDict(dict):  # type: ignore[type-arg]
+    """An averaged model in memory: ``{name: torch.Tensor}`` plus ``manifest``, the record
+    ``ckptavg.json`` would hold for it (inputs, steps, weights, method)."""
+
+    manifest: dict[str, Any]
+
+
+Source = str | os.PathLike[str] | Trajectory | Sequence[Checkpoint]
+
+
+def _checkpoints(source: Source, selection: Selection | None) -> tuple[list[Checkpoint], str]:
+    """The selected checkpoints (oldest first) and the trajectory's root, from any source."""
+    if isinstance(source, (str, os.PathLike)):
+        source = sources.discover(source)
+    root = str(getattr(source, "root", ""))
+    if selection is not None and not selection.is_empty:
+        if not isinstance(source, Trajectory):
+            source = Trajectory("selection", tuple(source), root)
+        source = selection.apply(source)
+    ckpts = list(source)
+    if not ckpts:
+        raise SelectionError("nothing selected: the selection has no checkpoints")
+    return ckpts, root
+
+
+@overload
+def average(source: Source, out: None = None, **kwargs: Any) -> StateDict: ...
+@overload
+def average(source: Source, out: str | os.PathLike[str], **kwargs: Any) -> Path: ...
+def average(
+    source: Source,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    selection: Selection | None = None,
+    method: str = "uniform",
+    weights: Sequence[float] | None = None,
+    decay: float | None = None,
+    half_life: float | None = None,
+    dtype: str | None = None,
+    accumulate: Literal["float32", "float64"] = "float32",
+    max_shard_size: int | str | None = None,
+    force: bool = False,
+    hash_inputs: bool = False,
+    allow_nonfinite: bool = False,
+    allow_duplicates: bool = False,
+    progress: bool = True,
+) -> Path | StateDict:
+    """Average checkpoints, streaming one tensor chunk at a time.
+
+    Args:
+        source: a run (folder or ``hf://org/name``), a Trajectory, or a list of Checkpoints,
+            oldest first.
+        out: output directory (HF-loadable: safetensors + config/tokenizer files of the newest
+            checkpoint + ``ckptavg.json``), written atomically. ``None``: return a state dict.
+        selection: which checkpoints of ``source`` (default: all of them).
+        method: ``uniform``, ``weighted`` (with ``weights``) or ``ema`` (with ``decay`` or
+            ``half_life`` in steps); see :mod:`ckptavg.methods`.
+        dtype: output dtype of floating tensors (default: the inputs' dtype).
+        accumulate: ``float32`` (default) or ``float64`` accumulator.
+        max_shard_size: shard the output (``"5GB"``), with an HF index file.
+        force: replace an existing non-empty ``out``.
+        hash_inputs: record each input file's sha256 in the manifest (one extra read).
+        allow_nonfinite: average tensors holding NaN/Inf instead of refusing.
+        allow_duplicates: average Hub revisions whose weights are byte-identical to another step
+            branch's instead of refusing (see :func:`ckptavg.hub.materialise`).
+        progress: show a tqdm bar (bytes read) on stderr.
+
+    Returns:
+        The output directory, or a :class:`StateDict` (``{name: torch.Tensor}`` with a
+        ``manifest``) when ``out`` is None.
+
+    Raises:
+        SelectionError, MethodError: an empty selection, a bad method or weights.
+        CheckpointError, IncompatibleError: unreadable or mismatched inputs.
+        NonFiniteError: NaN/Inf in an input. OutputError: an unusable output path.
+
+    Example:
+        >>> average("runs/tiny", "tiny-lawa5", selection=Selection(window=5))   # doctest: +SKIP
+        >>> sd = average(discover("runs/tiny").window(5))                       # doctest: +SKIP
+    """
+    ckpts, root = _checkpoints(source, selection)
+    if accumulate not in ACCUMULATORS:
+        raise UsageError(f"accumulate must be float32 or float64, got {accumulate!r}")
+    params: dict[str, Any] = {"weights": list(weights) if weights is not None else None,
+                              "decay": decay, "half_life": half_life}
+    w = methods.weights(method, [c.step for c in ckpts], **params)
+    try:
+        out_dtype = parse_dtype(dtype) if dtype else None
+        shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if out is not None:
+        check_output(Path(out), force, [Path(c.location) for c in ckpts] + ([Path(root)] if root else []))
+    ckpts = ensure_tensors(sources.materialise(ckpts, allow_duplicates=allow_duplicates, progress=progress))
+    check_compatible(ckpts)
+    newest = ckpts[-1]
+    assert newest.tensors is not None
+    plan = list(newest.tensors.values())
+    out_dtypes = {t.name: (out_dtype if out_dtype and t.dtype.floating else t.dtype) for t in plan}
+    entries = [TensorInfo(t.name, out_dtypes[t.name], t.shape) for t in plan]
+    hashes = {f: _manifest.sha256_file(f) for c in ckpts for f in c.files} if hash_inputs else None
+    active = sum(x != 0.0 for x in w)
+    total = sum(t.nbytes * (active if t.dtype.floating else 1) for t in plan)
+    from tqdm import tqdm
+
+    readers: list[CheckpointReader] = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="averaging", disable=not progress, leave=False) as bar:
+        try:
+            readers = [CheckpointReader(c.files, c.format, str(c)) for c in ckpts]
+            kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, on_bytes=bar.update)
+            if out is None:
+                sd_sink = StateDictSink(entries)
+                stream(readers, w, plan, out_dtypes, sd_sink, **kw)
+                state = StateDict(sd_sink.state_dict())
+                state.manifest = _manifest.build(
+                    ckpts, w, method, params, dtype=out_dtype.torch_name if out_dtype else "same as inputs",
+                    accumulate=accumulate, trajectory=root, hashes=hashes)
+                return state
+            with atomic_directory(Path(out), force=force) as tmp:
+                dir_sink = SafetensorsDirSink(tmp, entries, shard_bytes)
+                try:
+                    stream(readers, w, plan, out_dtypes, dir_sink, **kw)
+                finally:
+                    dir_sink.close()
+                finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, root, hashes)
+            return Path(os.path.abspath(out))
+        finally:
+            for r in readers:
+                r.close()
+
+
+__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory"]

@@ -1,0 +1,121 @@
+"""Everything ``ckptavg`` shows people: tables and reports built from what the library returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..demo import DemoResult
+    from ..sweep import SweepReport
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _describe(prov: Mapping[str, Any]) -> str:
+    rec = prov.get("weights") or {}
+    inputs = rec.get("inputs") or []
+    steps = [i["step"] for i in inputs]
+    method = (rec.get("method") or {}).get("name", "?")
+    if prov["loaded_from"] == "disk":
+        made = f" (ckptavg.json: {method} of {len(steps)} checkpoints, steps {steps[0]}..{steps[-1]})" if steps else ""
+        return f"weights: {prov['target']} from disk{made}"
+    if len(steps) == 1:
+        return f"weights: step {steps[0]} of {rec.get('trajectory') or prov['target']}, in memory"
+    return f"weights: {method} average of {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}), in memory"
+
+
+def eval_table(result: Mapping[str, Any]) -> str:
+    """A short human table: one row per task metric, plus the held-out loss."""
+    lines = [_describe(result["ckptavg"])] if "ckptavg" in result else []
+    rows: list[tuple[str, str, str, str]] = []
+    for task, metrics in (result.get("results") or {}).items():
+        for key, value in metrics.items():
+            metric, _, flt = key.partition(",")
+            if not flt or "_stderr" in metric or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{flt}")
+            err_s = f"± {err:.4f}" if isinstance(err, (int, float)) else ""
+            rows.append((task, metric if flt == "none" else f"{metric} ({flt})", f"{value:.4f}", err_s))
+    if held := result.get("held_out"):
+        rows.append((f"held-out {Path(held['file']).name}", "loss", f"{held['loss']:.4f}",
+                     f"ppl {held['perplexity']:.2f}, {held['predicted_tokens']} tokens"))
+    if rows:
+        rows.insert(0, ("task", "metric", "value", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
+    return "\n".join(lines)
+
+
+def sweep_report(self: SweepReport) -> str:
+    """What ``ckptavg sweep`` prints: job counts, where the table is, failures."""
+    ok = self.ran - len(self.failed)
+    lines = [f"{self.jobs} jobs: {self.ran} run now ({ok} ok, {len(self.failed)} failed), "
+             f"{self.skipped} already in the table",
+             f"table: {self.table} (summaries: {self.csv.name}, {self.markdown.name})"]
+    lines += [f"failed: step {s} {v}: {e}" for s, v, e in self.failed]
+    if self.failed:
+        lines.append("re-run the sweep to retry the failed jobs")
+    return "\n".join(lines)
+
+
+
+
+def demo_report(self: DemoResult) -> str:
+    """The table ``ckptavg demo`` prints: held-out loss by step, wins per phase, the spike, zero-shot."""
+    from ..demo import TASK_NAME
+
+    cfg, k = self.config, self.demo.window
+    how = "trained in" if self.trained else "cached; trained in"
+    lines = [
+        f"run {self.run}: {len(self.raw)} checkpoints, steps {min(self.raw)}..{max(self.raw)} "
+        f"({how} {self.seconds['train']:.0f} s)",
+        f"held-out loss (nats/token): raw checkpoint, LAWA k={k}, EMA half-life {self.demo.ema_half_life:g} steps",
+        f"{'step':>6}  {'phase':<8} {'raw':>7} {f'lawa{k}':>7} {'ema':>7}",
+    ]
+    show = [s for s in sorted(self.raw) if s >= 2 * cfg.save_every
+            and (s % (2 * cfg.save_every) == 0 or abs(s - cfg.spike_end) <= cfg.save_every)]
+    for s in show:
+        cells = [f"{c[s]:.4f}" if s in c else "-" for c in (self.raw, self.lawa, self.ema)]
+        mark = "  <- spike" if s == cfg.spike_end else ""
+        lines.append(f"{s:>6}  {cfg.phase(s):<8} {cells[0]:>7} {cells[1]:>7} {cells[2]:>7}{mark}")
+    for phase in ("high-lr", "cooldown"):
+        for curve, label in (("lawa", f"LAWA k={k}"), ("ema", "EMA")):
+            g = sorted(self.gains(phase, curve).values())
+            if g:
+                lines.append(f"{phase:>8}: {label} beats raw at {sum(x > 0 for x in g)}/{len(g)} checkpoints; "
+                             f"raw − {curve}: median {g[len(g) // 2]:+.4f}, mean {sum(g) / len(g):+.4f} nats")
+    end = cfg.spike_end
+    before = max(s for s in self.raw if s <= end - cfg.spike_steps)
+    if end in self.raw and end in self.lawa and end in self.ema:
+        lines.append(f"   spike: raw {self.raw[before]:.3f} at step {before} -> {self.raw[end]:.3f} at {end}; "
+                     f"there LAWA k={k} {self.lawa[end]:.3f}, EMA {self.ema[end]:.3f}")
+    if self.zero_shot:
+        by_step: dict[int, dict[str, float]] = {}
+        for z in self.zero_shot:
+            by_step.setdefault(z["step"], {})[z["variant"]] = z["acc"]
+        lines.append(f"zero-shot {TASK_NAME} accuracy (lm-eval; at {len(by_step)} steps only, "
+                     "as each call costs ~1 s):")
+        lines.append(f"{'step':>6}  {'raw':>6} {f'lawa{k}':>6} {'ema':>6}")
+        for s, v in sorted(by_step.items()):
+            cells = [f"{v[n]:.3f}" if n in v else "-" for n in ("raw", "lawa", "ema")]
+            lines.append(f"{s:>6}  " + " ".join(f"{x:>6}" for x in cells))
+    if self.merged is not None:
+        lines.append(f"wrote {self.merged} (LAWA k={k} at the last step, HF-loadable)")
+    if self.plot is not None:
+        lines.append(f"wrote {self.plot}")
+    lines.append("time: " + ", ".join(f"{n} {s:.1f} s" for n, s in self.seconds.items()))
+    return "\n".join(lines)
+
+
+
+
+__all__ = ["demo_report", "eval_table", "human_bytes", "sweep_report"]

@@ -1,0 +1,160 @@
+"""Talking to the Hub: the one retry loop, and Hub/network failures as one-line errors.
+
+Every request ckptavg makes (refs, trees, headers, downloads) goes through :func:`retrying`: a
+5xx/429/408 answer, a refused or broken connection, or a download whose bytes do not hash to what
+the Hub lists is retried ``ATTEMPTS`` times with a doubling wait; anything else fails at once with a
+:class:`~ckptavg.errors.HubError` naming the repo, branch or file. huggingface_hub is imported
+inside the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import HubError
+
+WORKERS = 8  # parallel API calls and downloads: enough to fill a link with large files, few enough for the Hub's rate limits
+ATTEMPTS = 4  # per file and per API call: a 500, a dropped connection or a corrupt copy is retried this often
+RETRY_WAIT = 1.0  # seconds before the second attempt, doubled for each further one
+
+T = TypeVar("T")
+
+
+class HubWarning(UserWarning):
+    """Something about a Hub trajectory the user should know that does not stop the job."""
+
+
+class Corrupt(Exception):
+    """A downloaded file whose bytes are not the Hub's (already removed from the cache): worth another try."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else e.__class__.__name__)[:300]
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _expected(e: BaseException) -> bool:
+    """An error the Hub, the network or the cache can cause (anything else is a bug and propagates)."""
+    from huggingface_hub import errors
+
+    kinds: tuple[type[BaseException], ...] = (
+        OSError, errors.HfHubHTTPError, errors.EntryNotFoundError, errors.RevisionResolutionError,
+        errors.SafetensorsParsingError, errors.NotASafetensorsRepoError,
+    )
+    try:
+        import httpx2
+
+        kinds += (httpx2.HTTPError,)
+    except ImportError:  # pragma: no cover - huggingface_hub 2.x depends on httpx2
+        pass
+    return isinstance(e, kinds + (Corrupt,))
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth another attempt: the Hub answered 5xx/429/408, or the connection failed or broke."""
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(e, Corrupt):
+        return True
+    if offline() or isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError)):
+        return False
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else 0
+        return status in (408, 429) or status >= 500
+    if isinstance(e, LocalEntryNotFoundError):  # the metadata request failed and the cache has nothing
+        return True
+    try:
+        import httpx2
+
+        if isinstance(e, httpx2.TransportError):  # refused, reset, timed out, closed mid-body
+            return True
+    except ImportError:  # pragma: no cover - huggingface_hub 2.x depends on httpx2
+        pass
+    # hf_hub_download's own size check after an interrupted transfer
+    return isinstance(e, OSError) and "Consistency check failed" in str(e)
+
+
+def _hub_error(where: str, e: BaseException) -> HubError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if offline() or isinstance(e, OfflineModeIsEnabled):
+        return HubError(
+            f"{where}: not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE=1; "
+            "run once online, or unset HF_HUB_OFFLINE"
+        )
+    if isinstance(e, GatedRepoError):
+        return HubError(f"{where}: gated repository; accept its terms on the Hub and log in (`hf auth login`)")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(
+            f"{where}: no such model repository on {endpoint()} (or it is private: log in with `hf auth login`)"
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"{where}: no such revision on the Hub")
+    if isinstance(e, RemoteEntryNotFoundError):
+        return HubError(f"{where}: the Hub has no such file at this revision")
+    return HubError(f"{where}: {first_line(e)}")
+
+
+def retrying(where: str, fn: Callable[[], T], *, failed: str = "") -> T:
+    """``fn()``, retried on transient failures; any failure becomes one HubError naming ``where``.
+
+    Args:
+        where: the repo, revision or file, for messages.
+        fn: one attempt; raises :class:`Corrupt` for a download whose bytes were wrong.
+        failed: what the last line says failed [default: the Hub at its endpoint].
+    """
+    last: BaseException | None = None
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            time.sleep(RETRY_WAIT * 2 ** (attempt - 1))
+        try:
+            return fn()
+        except Exception as e:
+            if not _expected(e):
+                raise
+            if not _transient(e):
+                raise _hub_error(where, e) from None
+            last = e
+    assert last is not None
+    if failed:
+        raise HubError(f"{where}: {failed} failed {ATTEMPTS} times, last: {first_line(last)}")
+    raise HubError(
+        f"{where}: the Hub at {endpoint()} failed {ATTEMPTS} times ({first_line(last)}); "
+        "retry later, or set HF_HUB_OFFLINE=1 to use what the cache holds"
+    )
+
+
+__all__ = ["ATTEMPTS", "RETRY_WAIT", "WORKERS", "Corrupt", "HubWarning", "cache_dir", "endpoint", "first_line", "offline", "retrying"]

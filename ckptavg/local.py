@@ -1,0 +1,214 @@
+"""Local run folders → Trajectory.
+
+Layouts recognised (children of the run folder):
+- checkpoint directories: ``step1000/``, ``checkpoint-500/`` (HF Trainer; ``trainer_state.json``
+  ``global_step`` when the name has no number), ``global_step2000/`` (DeepSpeed),
+  ``iter_0001000/`` (Megatron, weights under ``mp_rank_00/``), or any name with one number;
+- single files: ``ckpt_3000.pt``, ``model_500.safetensors``, ``checkpoint_N.pt``, ``step-N.bin`` …
+
+Inside a checkpoint directory, weights are found in this order: ``model.safetensors.index.json``,
+``model.safetensors``, ``pytorch_model.bin.index.json``, ``pytorch_model.bin``, then any single
+safetensors/torch file that is not optimizer or trainer state.
+
+Only headers are read here (safetensors JSON headers; for torch files the pickle, with tensor data
+left on disk). Duplicate steps, mixed architectures and empty folders are reported before any
+tensor data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .errors import CheckpointError
+from .io.layout import STANDARD_WEIGHTS, WEIGHT_EXT, format_of, is_weight_file, pick_weights, read_index, read_tensors
+from .trajectory import Checkpoint, Trajectory, check_compatible
+
+_KNOWN_STEP = re.compile(
+    r"^(?:global[_-]?step|step|checkpoint|ckpt|iter|iteration)[-_]?(\d+)(?=$|[-_.])", re.I
+)
+_DIGITS = re.compile(r"\d+")
+
+def parse_step(name: str) -> tuple[int | None, bool]:
+    """Step number from a checkpoint's file or directory name.
+
+    Returns (step, known): ``known`` is True when the name follows a checkpoint convention
+    (``step``, ``checkpoint-``, ``global_step``, ``iter_``, ``ckpt_`` …), False when the step is
+    the only number in an otherwise free-form name. (None, False) when no step can be read.
+
+    >>> parse_step("checkpoint-500"), parse_step("ckpt_3000.pt"), parse_step("epoch3")
+    ((500, True), (3000, True), (3, False))
+    """
+    stem = name
+    for ext in WEIGHT_EXT:
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    m = _KNOWN_STEP.match(stem)
+    if m:
+        return int(m.group(1)), True
+    nums = _DIGITS.findall(stem)
+    if len(nums) == 1:
+        return int(nums[0]), False
+    return None, False
+
+
+def _is_dir(p: Path) -> bool:
+    """Like Path.is_dir, but a symlink loop or unreadable entry is an error, not 'no'."""
+    import stat
+
+    try:
+        return stat.S_ISDIR(os.stat(p).st_mode)
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise CheckpointError(f"{p}: dangling symlink") from None
+        return False
+    except OSError as e:  # e.g. ELOOP
+        raise CheckpointError(f"{p}: cannot open: {e.strerror or e}") from None
+
+
+def _listdir(p: Path) -> list[Path]:
+    try:
+        return sorted(p.iterdir())
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot list: {e.strerror or e}") from None
+
+
+def _plain_files(d: Path) -> list[str]:
+    out = []
+    for c in _listdir(d):
+        try:
+            if c.is_file():
+                out.append(c.name)
+        except OSError:
+            continue
+    return out
+
+
+def find_weights(d: Path) -> tuple[str, list[Path], Path | None] | None:
+    """(format, weight files, index file) inside checkpoint directory ``d``, or None."""
+    found = pick_weights(_plain_files(d), lambda name: read_index(d / name), str(d))
+    if found is not None:
+        return found.format, [d / f for f in found.files], (d / found.index if found.index else None)
+    # Megatron: iter_0001000/mp_rank_00/model_optim_rng.pt
+    ranks = sorted(p for p in d.glob("mp_rank_*") if _is_dir(p))
+    if len(ranks) == 1:
+        return find_weights(ranks[0])
+    if len(ranks) > 1:
+        raise CheckpointError(f"{d}: {len(ranks)} tensor-parallel ranks; consolidate them into one checkpoint first")
+    return None
+
+
+def _trainer_step(d: Path) -> int | None:
+    ts = d / "trainer_state.json"
+    if ts.is_file():
+        try:
+            step = json.loads(ts.read_text()).get("global_step")
+        except (OSError, ValueError):
+            return None
+        return step if isinstance(step, int) else None
+    return None
+
+
+def _checkpoint(path: Path, step: int, fmt: str, files: list[Path], index: Path | None, config_dir: Path) -> Checkpoint:
+    tensors = read_tensors(fmt, files, index)
+    size = sum(f.stat().st_size for f in files)
+    return Checkpoint(step, str(path), fmt, tuple(files), index, config_dir, tensors, size)
+
+
+def _single(path: Path, step: int | None) -> Checkpoint | None:
+    """``path`` as one checkpoint (a weight file or a directory holding weights), or None."""
+    if path.is_file():
+        if not path.name.lower().endswith(WEIGHT_EXT):
+            raise CheckpointError(f"{path}: not a checkpoint file (expected {', '.join(WEIGHT_EXT)})")
+        fmt = format_of(path.name)
+        s = step if step is not None else parse_step(path.name)[0]
+        return _checkpoint(path, s or 0, fmt, [path], None, path.parent)
+    found = find_weights(path)
+    if found is None:
+        return None
+    fmt, files, index = found
+    s = step if step is not None else (parse_step(path.name)[0] if parse_step(path.name)[0] is not None else _trainer_step(path))
+    return _checkpoint(path, s or 0, fmt, files, index, path)
+
+
+def _has_standard_weights(d: Path) -> bool:
+    return any((d / n).is_file() for n in STANDARD_WEIGHTS)
+
+
+def _looks_like_run(d: Path) -> bool:
+    """Some child is a step-numbered checkpoint directory or weight file."""
+    for c in _listdir(d):
+        if c.name.startswith("."):
+            continue
+        step, _ = parse_step(c.name)
+        if step is not None and (c.name.lower().endswith(WEIGHT_EXT) or _is_dir(c)):
+            return True
+        if _is_dir(c) and (c / "trainer_state.json").is_file():
+            return True
+    return False
+
+
+def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
+    """Find the checkpoints of a local run (:func:`ckptavg.discover` also takes ``hf://``).
+
+    Args:
+        path: a run folder (children ``step1000/``, ``checkpoint-500/``, ``ckpt_3000.pt`` …), a
+            single checkpoint directory, or a single weight file.
+        check: verify that every checkpoint has the same tensor names, shapes and dtypes.
+
+    Returns:
+        A Trajectory sorted by step.
+
+    Raises:
+        CheckpointError: empty or unreadable folder, corrupt headers — naming the file.
+        IncompatibleError: mixed architectures, naming the step and tensor.
+        SelectionError: two checkpoints with the same step.
+
+    Example:
+        >>> traj = discover("runs/pythia-tiny")            # doctest: +SKIP
+        >>> traj.window(5, at=5000).steps                  # doctest: +SKIP
+        [1000, 2000, 3000, 4000, 5000]
+    """
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such file or directory")
+    name = root.resolve().name or str(root)
+    if root.is_file() or _has_standard_weights(root) or (not _looks_like_run(root) and find_weights(root)):
+        ckpt = _single(root, None)
+        assert ckpt is not None
+        return Trajectory(name, (ckpt,), str(root))
+    ckpts: list[Checkpoint] = []
+    for child in _listdir(root):
+        if child.name.startswith("."):
+            continue  # hidden entries, including our own temporary outputs
+        step, known = parse_step(child.name)
+        if _is_dir(child):
+            if step is None:
+                step = _trainer_step(child)
+            if step is None:
+                continue
+            ckpt = _single(child, step)
+            if ckpt is None:
+                if known:
+                    raise CheckpointError(f"{child}: looks like a checkpoint (step {step}) but holds no weight files")
+                continue
+            ckpts.append(ckpt)
+        elif step is not None and is_weight_file(child.name):
+            ckpt = _single(child, step)
+            assert ckpt is not None
+            ckpts.append(ckpt)
+    if not ckpts:
+        raise CheckpointError(
+            f"{root}: no checkpoints found (expected children like step1000/, checkpoint-500/, "
+            "ckpt_3000.pt, or weight files in the folder itself)"
+        )
+    traj = Trajectory(name, tuple(ckpts), str(root))
+    if check:
+        check_compatible(traj)
+    return traj
+
+
+__all__ = ["discover", "find_weights", "parse_step"]
