@@ -14,7 +14,7 @@ EXTRAS ?= test,eval,demo,plot,ray
 PY := $(VENV)/bin/python
 DEMO_OUT ?= example
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/ckptavg demo --out $(DEMO_OUT)
 
-test: install
+# The full suite, after ruff and mypy (CI runs this).
+test: lint
 	$(PY) -m pytest -q
+
+# Under a minute: everything but the tests marked slow (training, Ray, wheels, the README end to end).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" -x
+
+lint: install
+	$(VENV)/bin/ruff check ckptavg tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) benchmarks/bench_merge.py

@@ -29,7 +29,7 @@ from .selection import Selection
 from .trajectory import Checkpoint, Trajectory, check_compatible
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 def ensure_tensors(ckpts: Sequence[Checkpoint]) -> list[Checkpoint]:
@@ -43,7 +43,7 @@ def ensure_tensors(ckpts: Sequence[Checkpoint]) -> list[Checkpoint]:
 
 
 def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]:
-    copied = []
+    copied: list[str] = []
     if src is None:
         return copied
     for name in CONFIG_FILES:
@@ -76,7 +76,7 @@ def finish_directory(
     ))
 
 
-class StateDict(dict):  # type: ignore[type-arg]
+class StateDict(dict[str, Any]):
     """An averaged model in memory: ``{name: torch.Tensor}`` plus ``manifest``, the record
     ``ckptavg.json`` would hold for it (inputs, steps, weights, method)."""
 
@@ -105,7 +105,7 @@ def _checkpoints(source: Source, selection: Selection | None) -> tuple[list[Chec
 def average(source: Source, out: None = None, **kwargs: Any) -> StateDict: ...
 @overload
 def average(source: Source, out: str | os.PathLike[str], **kwargs: Any) -> Path: ...
-def average(
+def average(  # type: ignore[misc]  # the overloads differ only in what out gives back
     source: Source,
     out: str | os.PathLike[str] | None = None,
     *,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -244,7 +245,7 @@ def stream(
             srcs = active if info.dtype.floating else [newest]
             for start, n in _spans(info.numel, chunk):
                 for i in srcs:
-                    yield lambda r=readers[i], name=info.name, s=start, n=n: r.read(name, s, n)
+                    yield partial(readers[i].read, info.name, start, n)
 
     def culprit(info: TensorInfo, start: int, n: int) -> str:
         bad = _first_nonfinite([readers[i] for i in active], info.name, start, n)
@@ -273,8 +274,7 @@ def stream(
                     if on_bytes:
                         on_bytes(raw.nbytes)
                     st.add(raw, info.dtype, 1.0 if uniform else weights[i])
-                out.write(info.name, start, st.emit(out_dtypes[info.name],
-                                                    where=lambda i=info, s=start, n=n: culprit(i, s, n)))
+                out.write(info.name, start, st.emit(out_dtypes[info.name], where=partial(culprit, info, start, n)))
         out.flush()
 
 
@@ -321,7 +321,7 @@ def stream_series(
         for info in tensors:
             for s0, n in _spans(info.numel, chunk):
                 for j in needed:
-                    yield lambda r=readers[j], name=info.name, s=s0, n=n: r.read(name, s, n)
+                    yield partial(readers[j].read, info.name, s0, n)
 
     st = RunningAverage(chunk, np.float64, allow_nonfinite=allow_nonfinite)
     avg = np.empty(chunk, np.float64)  # emitted values are cast to a new array before the writer sees them
@@ -348,25 +348,25 @@ def stream_series(
                     raw = next(reads)
                     if on_bytes:
                         on_bytes(raw.nbytes)
-                    t = by_index.get(j)
+                    target = by_index.get(j)
                     if not info.dtype.floating:
-                        if t is not None:
-                            writers[t.step].write(info.name, s0, raw)
+                        if target is not None:
+                            writers[target.step].write(info.name, s0, raw)
                         continue
                     if ema_factors is not None:
                         st.decay(ema_factors[j])
                         st.add(raw, info.dtype, key=j)
-                        if t is not None:
-                            emit(info, s0, t)
+                        if target is not None:
+                            emit(info, s0, target)
                         continue
                     ring[j] = raw
-                    if t is None:
+                    if target is None:
                         continue
-                    for m in sorted(set(t.inputs) - st.members):
+                    for m in sorted(set(target.inputs) - st.members):
                         st.add(ring[m], info.dtype, key=m)
                     if st.drifted:  # exact again from the ring, so the running sum cannot drift
                         st.recompute((m, ring[m], info.dtype, 1.0) for m in sorted(st.members))
-                    emit(info, s0, t)
+                    emit(info, s0, target)
                     for m in [m for m in ring if m not in later[j]]:
                         if m in st.members:
                             st.remove(ring[m], info.dtype, key=m)

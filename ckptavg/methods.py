@@ -11,7 +11,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 
-from .errors import CkptavgError
+from .errors import MethodError, SelectionError
 
 WeightFn = Callable[..., list[float]]
 _REGISTRY: dict[str, WeightFn] = {}
@@ -39,7 +39,7 @@ def get(name: str) -> WeightFn:
     except KeyError:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise CkptavgError(f"unknown method {name!r}{hint} (available: {', '.join(available())})") from None
+        raise MethodError(f"unknown method {name!r}{hint} (available: {', '.join(available())})") from None
 
 
 def weights(name: str, steps: Sequence[int], **params: object) -> list[float]:
@@ -51,7 +51,8 @@ def weights(name: str, steps: Sequence[int], **params: object) -> list[float]:
         params: the method's parameters; ``None`` values are ignored.
 
     Raises:
-        CkptavgError: unknown method or parameter, or parameters out of range.
+        MethodError: unknown method or parameter, or parameters out of range.
+        SelectionError: no steps.
 
     >>> weights("ema", [0, 1000, 2000], half_life=1000)
     [0.14285714285714285, 0.2857142857142857, 0.5714285714285714]
@@ -62,13 +63,13 @@ def weights(name: str, steps: Sequence[int], **params: object) -> list[float]:
     for k in given:
         if k not in accepted:
             takes = ", ".join(accepted) or "no parameters"
-            raise CkptavgError(f"method {name!r} does not take {k!r} (it takes {takes})")
+            raise MethodError(f"method {name!r} does not take {k!r} (it takes {takes})")
     if not steps:
-        raise CkptavgError("nothing selected: the selection has no checkpoints")
+        raise SelectionError("nothing selected: the selection has no checkpoints")
     w = [float(x) for x in fn(list(steps), **given)]
     total = math.fsum(w)
     if not all(math.isfinite(x) for x in w) or total <= 0:
-        raise CkptavgError(f"method {name!r} produced unusable weights {w}")
+        raise MethodError(f"method {name!r} produced unusable weights {w}")
     return [x / total for x in w]
 
 
@@ -82,14 +83,14 @@ def uniform(steps: list[int]) -> list[float]:
 def weighted(steps: list[int], weights: Sequence[float] | None = None) -> list[float]:
     """Explicit weights, one per checkpoint, normalised to sum to 1."""
     if weights is None:
-        raise CkptavgError("method 'weighted' needs --weights, one per selected checkpoint")
+        raise MethodError("method 'weighted' needs --weights, one per selected checkpoint")
     w = [float(x) for x in weights]
     if len(w) != len(steps):
-        raise CkptavgError(f"{len(w)} weights given for {len(steps)} selected checkpoints (steps {steps})")
+        raise MethodError(f"{len(w)} weights given for {len(steps)} selected checkpoints (steps {steps})")
     if any(x < 0 or not math.isfinite(x) for x in w):
-        raise CkptavgError(f"weights must be finite and non-negative, got {w}")
+        raise MethodError(f"weights must be finite and non-negative, got {w}")
     if sum(w) == 0:
-        raise CkptavgError("weights sum to zero")
+        raise MethodError("weights sum to zero")
     return w
 
 
@@ -103,14 +104,14 @@ def ema(steps: list[int], decay: float | None = None, half_life: float | None = 
     (Pythia's log-spaced early steps) weighs each checkpoint by how long ago it was saved.
     """
     if (decay is None) == (half_life is None):
-        raise CkptavgError("method 'ema' needs exactly one of --decay (per checkpoint) or --half-life (in steps)")
+        raise MethodError("method 'ema' needs exactly one of --decay (per checkpoint) or --half-life (in steps)")
     if decay is not None:
         if not 0 < decay < 1:
-            raise CkptavgError(f"--decay must be in (0, 1), got {decay}")
+            raise MethodError(f"--decay must be in (0, 1), got {decay}")
         n = len(steps)
         return [decay ** (n - 1 - i) for i in range(n)]
     assert half_life is not None
     if not half_life > 0:
-        raise CkptavgError(f"--half-life must be positive, got {half_life}")
+        raise MethodError(f"--half-life must be positive, got {half_life}")
     last = steps[-1]
     return [0.5 ** ((last - s) / half_life) for s in steps]

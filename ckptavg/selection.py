@@ -131,7 +131,8 @@ def with_legacy(selection: Selection | None, where: str, **legacy: Any) -> Selec
     words = ", ".join(f"{_LEGACY[k]}={v!r}" for k, v in given.items())
     warnings.warn(f"{where}({', '.join(given)}=…) is deprecated: pass selection=Selection({words})",
                   DeprecationWarning, stacklevel=3)
-    return replace(sel, **{_LEGACY[k]: (tuple(v) if k == "steps" else v) for k, v in given.items()})
+    changes: dict[str, Any] = {_LEGACY[k]: (tuple(v) if k == "steps" else v) for k, v in given.items()}
+    return replace(sel, **changes)
 
 
 __all__ = ["Selection", "with_legacy"]

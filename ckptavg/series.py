@@ -16,6 +16,7 @@ model-sized fp32 :class:`~ckptavg.engine.RunningAverage` (see its docstring for 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -299,18 +300,19 @@ def iter_series(
     ckpts = _prepare(traj, sorted({j for t in targets for j in t.inputs}), progress=False)
     ref = ckpts[targets[-1].index].tensors or {}
     floats = [t for t in ref.values() if t.dtype.floating]
-    offsets, size = {}, 0
-    for t in floats:
-        offsets[t.name], size = size, size + t.numel
+    offsets: dict[str, int] = {}
+    size = 0
+    for info in floats:
+        offsets[info.name], size = size, size + info.numel
     st = RunningAverage(size, np.float32, allow_nonfinite=allow_nonfinite)  # the whole model, flat: 4 B/parameter
     factors = _ema_factors(traj.steps, decay, half_life) if method == "ema" else None
 
     def fold(j: int, sign: int = 1) -> None:
         """Add (+1) or remove (-1) checkpoint j, tensor by tensor, chunk by chunk."""
         with CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j])) as r, st.input(j, 1.0, sign) as put:
-            for t in floats:
-                for s0 in range(0, t.numel, CHUNK_ELEMS):
-                    put(r.read(t.name, s0, min(CHUNK_ELEMS, t.numel - s0)), t.dtype, offsets[t.name] + s0)
+            for info in floats:
+                for s0 in range(0, info.numel, CHUNK_ELEMS):
+                    put(r.read(info.name, s0, min(CHUNK_ELEMS, info.numel - s0)), info.dtype, offsets[info.name] + s0)
 
     buf = np.empty(CHUNK_ELEMS, np.float32)
     last = -1  # ema: index of the newest checkpoint folded in
@@ -339,12 +341,15 @@ def iter_series(
                 vals = np.empty(info.numel, dt.storage)
                 for s0 in range(0, info.numel, CHUNK_ELEMS):
                     n = min(CHUNK_ELEMS, info.numel - s0)
-                    vals[s0 : s0 + n] = st.emit(dt, buf, lambda i=info, t=t: (
-                        f"step {t.step}: tensor {i.name!r} averages to NaN/Inf (an input in steps "
-                        f"{traj[t.inputs[0]].step}..{t.step} holds NaN/Inf); pass allow_nonfinite=True to yield it anyway"),
-                        at=offsets[info.name] + s0, n=n)
+                    vals[s0 : s0 + n] = st.emit(dt, buf, functools.partial(_nonfinite, info.name, traj[t.inputs[0]].step, t.step),
+                                                at=offsets[info.name] + s0, n=n)
                 sd[info.name] = to_torch(vals, dt, info.shape)
         yield t, sd
+
+
+def _nonfinite(name: str, first: int, step: int) -> str:
+    return (f"step {step}: tensor {name!r} averages to NaN/Inf (an input in steps {first}..{step} holds NaN/Inf); "
+            "pass allow_nonfinite=True to yield it anyway")
 
 
 __all__ = ["SeriesOutput", "Target", "iter_series", "plan", "series"]

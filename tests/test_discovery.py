@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ckptavg
-from ckptavg.local import parse_step
 from ckptavg.errors import CkptavgError
+from ckptavg.local import parse_step
 from ckptavg.selection import Selection
 from conftest import integer_state, tiny_config, write_checkpoint
 

@@ -36,3 +36,13 @@ def test_every_cli_command_in_readme_exists():
     assert shown, "README shows no ckptavg command"
     for cmd in shown:
         assert CliRunner().invoke(cli, [cmd, "--help"]).exit_code == 0, cmd
+
+
+def test_every_flag_the_readme_shows_exists_on_its_command():
+    """A renamed flag (``--stride`` → ``--every``) must be renamed in the README too."""
+    lines = re.findall(r"^(?:\.venv/bin/)?ckptavg (\w+)(.*)$", README, re.M)
+    assert lines
+    for cmd, rest in lines:
+        opts = {o for p in cli.commands[cmd].params for o in p.opts}
+        flags = re.findall(r"(?<=\s)(--?[a-z][\w-]*)", re.sub(r"'[^']*'", "", rest.split("#")[0]))
+        assert [f for f in flags if f not in opts and f not in ("-h", "--help")] == [], (cmd, rest)

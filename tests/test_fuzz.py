@@ -12,10 +12,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptavg.local import parse_step
 from ckptavg.errors import CkptavgError
 from ckptavg.io.dtypes import DTYPES
 from ckptavg.io.safetensors import read_header
+from ckptavg.local import parse_step
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

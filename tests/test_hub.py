@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from hubserver import HubServer, Repo
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 import ckptavg
-from ckptavg.selection import Selection
 from ckptavg import hub as hubmod
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
+from ckptavg.selection import Selection
 from conftest import integer_state, tiny_config
-from hubserver import HubServer, Repo
 
 REPO = "org/pythia-tiny"
 URI = f"hf://{REPO}"

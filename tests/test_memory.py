@@ -53,3 +53,26 @@ def test_peak_rss_flat_from_2_to_10_inputs(big_runs, tmp_path, fmt):
         rss[k] = peak_rss_mb([sys.executable, "-m", "ckptavg", "merge", str(big_runs[fmt]), "--window", str(k),
                               "-o", str(tmp_path / f"out{k}"), "-q"])
     assert rss[K_LARGE] - rss[K_SMALL] < MARGIN_MB, rss
+
+
+_ITER = """
+import sys, ckptavg, torch
+from ckptavg.selection import Selection
+from ckptavg.series import iter_series
+traj = ckptavg.discover(sys.argv[1])
+if sys.argv[2] != "none":
+    kw = {"method": "ema", "half_life": 2.0} if sys.argv[2] == "ema" else {}
+    sel = Selection(window=3) if sys.argv[2] == "uniform" else None
+    for target, sd in iter_series(traj, sel, **kw):
+        del sd
+"""
+MODEL_MB = BIG * 4 / 2**20  # the fp32 model of big_runs: 16 MiB
+
+
+@pytest.mark.parametrize("method", ["uniform", "ema"])
+def test_iter_series_holds_one_fp32_sum_and_one_output_model(big_runs, method):
+    """Documented bound: one fp32 running sum of the model plus the state dict being yielded.
+    A model-sized fp64 sum (the old design) would add another MODEL_MB and fail this."""
+    base = peak_rss_mb([sys.executable, "-c", _ITER, str(big_runs["safetensors"]), "none"])
+    peak = peak_rss_mb([sys.executable, "-c", _ITER, str(big_runs["safetensors"]), method])
+    assert peak - base < 2.75 * MODEL_MB, (base, peak)  # measured 36 MB for fp32 (bound 32 + overhead), 53 for fp64

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ckptavg
-from ckptavg.selection import Selection
 from ckptavg import engine
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
 from ckptavg.io import CheckpointReader
+from ckptavg.selection import Selection
 from ckptavg.series import iter_series, plan, series
 
 STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 3000)  # Pythia-like spacing

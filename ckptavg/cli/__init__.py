@@ -50,7 +50,7 @@ def list_cmd(path: str, step_pattern: str | None, as_json: bool) -> None:
     from ..sources import discover
 
     traj = discover(path, step_pattern=step_pattern)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in traj:
         dtypes = sorted({t.dtype.name for t in (c.tensors or {}).values()})
         rows.append({

@@ -172,8 +172,9 @@ def discover(uri: str, *, step_pattern: str = DEFAULT_STEP_PATTERN) -> Trajector
         raise HubError(f"{root}: HF_HUB_OFFLINE=1 and no step branch has its weights in the cache ({transport.cache_dir()})")
 
     ckpts = []
-    for branch, s in _mark_duplicates(sources).items():
-        ckpts.append(Checkpoint(steps[branch], s.uri, format_of(s.weights[0].name), size=sum(f.size for f in s.weights), source=s))
+    for branch, src in _mark_duplicates(sources).items():
+        ckpts.append(Checkpoint(steps[branch], src.uri, format_of(src.weights[0].name),
+                                size=sum(f.size for f in src.weights), source=src))
     return Trajectory(repo_id.split("/")[-1], tuple(ckpts), root)
 
 

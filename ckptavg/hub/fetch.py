@@ -47,7 +47,7 @@ def bar_class(bar: Any | None) -> type:
     """A tqdm class for hf_hub_download that shows nothing itself and adds bytes to ``bar`` (if any)."""
     from tqdm import tqdm
 
-    class Into(tqdm):  # type: ignore[misc, type-arg]
+    class Into(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)

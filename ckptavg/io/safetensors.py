@@ -113,7 +113,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def pread_into(fd: int, out: np.ndarray, pos: int, path: Path, name: str) -> None:
     """Fill ``out`` with the file's bytes at ``pos``; the GIL is released while the kernel copies."""
-    view = memoryview(out).cast("B")
+    view = memoryview(out).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], pos + got)
@@ -176,7 +176,7 @@ class SafetensorsWriter:
             self.offsets[t.name] = TensorInfo(t.name, t.dtype, t.shape, pos)
             pos += t.nbytes
         self.size = pos
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.pwrite(self._fd, header, 0)
             os.ftruncate(self._fd, self.size)
@@ -186,8 +186,9 @@ class SafetensorsWriter:
 
     def write(self, name: str, start: int, values: np.ndarray) -> None:
         info = self.offsets[name]
-        view = memoryview(np.ascontiguousarray(values)).cast("B")
+        view = memoryview(np.ascontiguousarray(values)).cast("B")  # type: ignore[arg-type]
         pos = info.offset + start * info.dtype.itemsize
+        assert self._fd is not None, f"{self.path}: written after close"
         while view:
             n = os.pwrite(self._fd, view, pos)
             view, pos = view[n:], pos + n

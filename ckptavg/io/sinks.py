@@ -82,7 +82,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale(out: Path) -> list[Path]:
     """Remove temporaries that crashed runs left beside ``out`` (their process is gone)."""
-    removed = []
+    removed: list[Path] = []
     prefix = f".{out.name}{_TMP_TAG}"
     if not out.parent.is_dir():
         return removed
