@@ -150,10 +150,11 @@ def _is_complete(out: Path, target: Target, traj: Trajectory, method: str, param
         return False
 
 
-def _prepare(traj: Trajectory, indices: Sequence[int], progress: bool) -> dict[int, Checkpoint]:
+def _prepare(traj: Trajectory, indices: Sequence[int], progress: bool, allow_duplicates: bool) -> dict[int, Checkpoint]:
     """The checkpoints at ``indices`` with local files (Hub revisions downloaded) and headers read;
     every one gets a config folder (a Hub download has config files for the newest only)."""
-    ckpts = ensure_tensors(sources.materialise([traj[j] for j in indices], progress=progress))
+    ckpts = ensure_tensors(sources.materialise([traj[j] for j in indices], allow_duplicates=allow_duplicates,
+                                               progress=progress))
     check_compatible(ckpts)
 
     def has_config(c: Checkpoint) -> bool:
@@ -183,6 +184,7 @@ def series(
     dtype: str | None = None,
     max_shard_size: int | str | None = None,
     allow_nonfinite: bool = False,
+    allow_duplicates: bool = False,
     progress: bool = True,
     **legacy: Any,
 ) -> list[SeriesOutput]:
@@ -194,7 +196,7 @@ def series(
             and appears atomically. Re-running skips targets whose output is complete and valid.
         selection: the targets, and ``window`` = k for uniform (LAWA); see :func:`plan`.
         method, decay, half_life, partial, non_overlapping: how each target is averaged; see :func:`plan`.
-        dtype, max_shard_size, allow_nonfinite, progress: as for :func:`ckptavg.average`.
+        dtype, max_shard_size, allow_nonfinite, allow_duplicates, progress: as for :func:`ckptavg.average`.
 
     Returns:
         One SeriesOutput per target, in step order; ``written`` is False for targets kept from an
@@ -224,7 +226,7 @@ def series(
     if not pending:
         return result
     needed = sorted({j for t in pending for j in t.inputs})
-    ckpts = _prepare(traj, needed, progress)
+    ckpts = _prepare(traj, needed, progress, allow_duplicates)
     for t in pending:
         if dirs[t.step].exists():
             shutil.rmtree(dirs[t.step])  # incomplete or made with other arguments: redo it
@@ -278,6 +280,7 @@ def iter_series(
     non_overlapping: bool = False,
     dtype: str | None = None,
     allow_nonfinite: bool = False,
+    allow_duplicates: bool = False,
     **legacy: Any,
 ) -> Iterator[tuple[Target, dict[str, torch.Tensor]]]:
     """Yield ``(target, state_dict)`` for every target of the series, in step order, in memory.
@@ -297,7 +300,7 @@ def iter_series(
     targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, partial=partial,
                    non_overlapping=non_overlapping)
     out_dtype = _out_dtype(dtype)
-    ckpts = _prepare(traj, sorted({j for t in targets for j in t.inputs}), progress=False)
+    ckpts = _prepare(traj, sorted({j for t in targets for j in t.inputs}), False, allow_duplicates)
     ref = ckpts[targets[-1].index].tensors or {}
     floats = [t for t in ref.values() if t.dtype.floating]
     offsets: dict[str, int] = {}

@@ -95,7 +95,8 @@ class HubServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hubserver", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},  # stop() in 20 ms, not 0.5 s
+                                        name="hubserver", daemon=True)
 
     def __enter__(self) -> HubServer:
         self._thread.start()

@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from ckptavg.cli import cli
@@ -21,6 +22,7 @@ def test_readme_shows_the_two_setup_commands_and_ci_runs_the_test_one():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs(tmp_path, demo_run):
     (tmp_path / "ex").mkdir()
     (tmp_path / "ex" / demo_run.name).symlink_to(demo_run)  # the session's trained run: `make demo` reuses it

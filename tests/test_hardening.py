@@ -247,10 +247,6 @@ def test_bad_input_corpus(tmp_path, base_state_dict, name):
     _assert_clean(tmp_path, out, before, run)
 
 
-def test_corpus_is_large_enough():
-    assert len(CASES) >= 30
-
-
 # Output-side failures ---------------------------------------------------------------------
 
 
@@ -350,6 +346,7 @@ def _loads_as_model(out: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigkill_never_leaves_a_loadable_partial_output(slow_run, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "ckptavg", "merge", str(slow_run), "-o", str(out), "-q", "--force"]

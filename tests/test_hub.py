@@ -283,6 +283,15 @@ def test_duplicates_are_refused_before_any_download_unless_allowed(hub, states, 
     assert "warning: hf://org/pythia-tiny@step6000: weight files are byte-identical" in r.stderr
     assert_exact(load_file(tmp_path / "c" / "model.safetensors"), oracle(states, [4000, 5000]))
 
+    # series reads the same trajectories through the same flags
+    with pytest.raises(ckptavg.DuplicateError):
+        next(ckptavg.iter_series(traj, Selection(window=2, steps=(6000,))))
+    r = run("series", URI, "--window", "2", "--steps", "6000", "-o", tmp_path / "s", "--quiet")
+    assert r.exit_code == 1 and "--allow-duplicates" in r.stderr and not (tmp_path / "s" / "step6000").exists()
+    r = run("series", URI, "--window", "2", "--steps", "6000", "-o", tmp_path / "s", "--quiet", "--allow-duplicates")
+    assert r.exit_code == 0, r.output
+    assert_exact(load_file(tmp_path / "s" / "step6000" / "model.safetensors"), oracle(states, [5000, 5000]))
+
 
 @pytest.mark.parametrize("uri, msg", [
     ("hf://org/bad@step3", r"^hf://org/bad@step3/model\.safetensors\.index\.json: tensor 'gpt_neox\.embed_in\.weight' is "
@@ -357,6 +366,7 @@ def test_offline_works_from_the_cache_the_online_run_filled(hub, states, tmp_pat
         ckptavg.discover("hf://org/olmo-tiny")
 
 
+@pytest.mark.slow
 def test_cli_in_fresh_processes_online_then_offline(hub, states, tmp_path):
     """The environment variables a user sets: HF_ENDPOINT and HF_HOME online, then HF_HUB_OFFLINE=1
     with the endpoint gone."""

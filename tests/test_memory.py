@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # each test measures whole subprocesses
+
 BIG = 4 * 2**20  # elements: a 16 MiB fp32 tensor per checkpoint, so k inputs mapped would cost k × 16 MiB
 K_SMALL, K_LARGE = 2, 10
 MARGIN_MB = 24  # well under (K_LARGE - K_SMALL) × 16 MiB = 128 MiB, what holding every input would add

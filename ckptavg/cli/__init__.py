@@ -180,7 +180,7 @@ def series_cmd(path: str, out: Path, stride: int | None, quiet: bool, as_json: b
     if how.pop("weights") is not None:
         raise click.UsageError("series averages uniform windows or EMAs; --weights applies to merge")
     results = series(discover(path, step_pattern=step_pattern), out, selection, **how, **kw,
-                     progress=not quiet and not as_json)
+                     allow_duplicates=allow_duplicates, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps({"outputs": [{"step": r.step, "path": str(r.path), "written": r.written}
                                            for r in results]}, indent=2))
