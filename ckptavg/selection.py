@@ -74,8 +74,8 @@ class Selection:
         if self.start is not None or self.stop is not None:
             sel = sel.between(self.start, self.stop)
         if self.spacing:
-            origin = self.start if self.start is not None else 0
-            sel = sel._with(c for c in sel if (c.step - origin) % self.spacing == 0)
+            origin, spacing = (self.start if self.start is not None else 0), self.spacing
+            sel = sel.where(lambda c: (c.step - origin) % spacing == 0)
         if self.every:
             sel = sel.every(self.every)
         if self.at is not None:

@@ -8,7 +8,7 @@ so selections compose: ``traj.between(0, 5000).every(2).last(5)``.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
@@ -162,6 +162,10 @@ class Trajectory(Sequence[Checkpoint]):
         if n < 1:
             raise SelectionError(f"--every must be at least 1, got {n}")
         return self._with(self.checkpoints[::-1][::n][::-1])
+
+    def where(self, keep: Callable[[Checkpoint], bool]) -> Trajectory:
+        """The checkpoints for which ``keep(checkpoint)`` is true."""
+        return self._with(c for c in self.checkpoints if keep(c))
 
     def select(self, steps: Iterable[int]) -> Trajectory:
         """Exactly these steps; each must exist."""

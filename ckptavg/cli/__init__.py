@@ -75,7 +75,9 @@ def list_cmd(path: str, step_pattern: str | None, as_json: bool) -> None:
 
 def _default_out(root: str, method: str, k: int, last_step: int, decay: float | None, half_life: float | None) -> Path:
     # hf://org/name → ./name-…: a Hub run has no folder to sit beside
-    base = Path.cwd() / root.rstrip("/").split("/")[-1] if root.startswith("hf://") else Path(root).resolve()
+    from ..sources import is_hub
+
+    base = Path.cwd() / root.rstrip("/").split("/")[-1] if is_hub(root) else Path(root).resolve()
     if method == "ema":
         tag = f"ema-h{half_life:g}" if half_life is not None else f"ema{decay:g}"
     else:
