@@ -48,15 +48,15 @@ MODES = {
 
 def child(mode: str, run: Path, out: Path, report: Path) -> None:
     """One contender, timed from inside as well: writes {write_s, load_s, tasks_s, results}."""
-    import ckptavg
-    from ckptavg.evaluate import packaged_task, score
-
     # Imports cost the same in every row (~3 s here); paying them before the clock keeps 'load'
     # about the weights. wall_s (from /usr/bin/time) still includes them.
     import lm_eval  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from lm_eval.models.huggingface import HFLM  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import ckptavg
+    from ckptavg.eval import packaged_task, score
 
     t0 = time.perf_counter()
     write_s = load_s = tasks_s = 0.0

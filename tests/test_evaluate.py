@@ -7,6 +7,7 @@ trained here on the packaged task's words; nothing is downloaded.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -21,7 +22,8 @@ from click.testing import CliRunner
 import ckptavg
 from ckptavg import Selection
 from ckptavg.cli import cli
-from ckptavg.evaluate import TASKS_DIR, _offline_env, packaged_tasks, score
+from ckptavg.eval import EXTRA_HINT, TASKS_DIR, packaged_tasks, score
+from ckptavg.eval.tasks import offline_env
 
 pytest.importorskip("lm_eval", reason="the eval extra is not installed")
 
@@ -134,15 +136,15 @@ def test_averages_differ_from_single_checkpoints(eval_run, held_out):
     assert len({losses[100], losses[500], avg}) == 3
 
 
-def test_hub_trajectory_is_averaged_in_memory_like_local_files(eval_run, held_out, tmp_path, monkeypatch):
-    """hf:// selections download through ckptavg.hub (a loopback Hub, tests/hubserver.py), then
-    take the same in-memory path; the same weights give the same held-out loss as on disk."""
-    from huggingface_hub import constants
+def _loopback_hub(monkeypatch, tmp_path, name: str, branches: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """A loopback Hub (tests/hubserver.py) serving ``branches`` (branch → checkpoint folder) as
+    ``org/name``, with huggingface_hub pointed at it and a private cache under ``tmp_path``."""
     from hubserver import HubServer, Repo
+    from huggingface_hub import constants
 
-    repo = Repo("org/tiny-eval")
-    for step in (300, 400, 500):
-        repo.commit(f"step{step}", {f.name: f.read_bytes() for f in (eval_run / f"step{step}").iterdir()})
+    repo = Repo(f"org/{name}")
+    for branch, folder in branches.items():
+        repo.commit(branch, {f.name: f.read_bytes() for f in folder.iterdir()})
     server = HubServer([repo])
     home = tmp_path / "hf_home"
     for name, value in {
@@ -153,6 +155,14 @@ def test_hub_trajectory_is_averaged_in_memory_like_local_files(eval_run, held_ou
     }.items():
         monkeypatch.setattr(constants, name, value, raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    return server
+
+
+def test_hub_trajectory_is_averaged_in_memory_like_local_files(eval_run, held_out, tmp_path, monkeypatch):
+    """hf:// selections download through ckptavg.hub, then take the same in-memory path; the
+    same weights give the same held-out loss as on disk."""
+    server = _loopback_hub(monkeypatch, tmp_path, "tiny-eval",
+                           {f"step{s}": eval_run / f"step{s}" for s in (300, 400, 500)})
     with server:
         mem = score("hf://org/tiny-eval", selection=Selection(window=2), text=held_out["txt"], seq_len=16,
                     progress=False)
@@ -162,6 +172,25 @@ def test_hub_trajectory_is_averaged_in_memory_like_local_files(eval_run, held_ou
     assert [i["step"] for i in mem["ckptavg"]["weights"]["inputs"]] == [400, 500]
     assert len(server.downloads("model.safetensors")) == 2  # the window's two revisions, fetched over HTTP
     assert mem["held_out"] == disk["held_out"]
+
+
+def test_hub_duplicates_are_refused_unless_allowed(eval_run, held_out, tmp_path, monkeypatch):
+    """allow_duplicates reaches the download: two branches with step400's bytes are refused
+    before any weights are fetched, and allowed they average to exactly step400."""
+    server = _loopback_hub(monkeypatch, tmp_path, "tiny-dupes",
+                           {"step300": eval_run / "step300", "step400": eval_run / "step400",
+                            "step500": eval_run / "step400"})
+    with server:
+        with pytest.raises(ckptavg.DuplicateError, match="--allow-duplicates"):
+            score("hf://org/tiny-dupes", selection=Selection(window=2), text=held_out["txt"], seq_len=16,
+                  progress=False)
+        assert len(server.downloads("model.safetensors")) == 0  # refused from metadata alone
+        with pytest.warns(Warning, match="averaging anyway"):
+            mem = score("hf://org/tiny-dupes", selection=Selection(window=2), text=held_out["txt"], seq_len=16,
+                        allow_duplicates=True, progress=False)
+    disk = score(eval_run / "step400", text=held_out["txt"], seq_len=16)
+    assert [i["step"] for i in mem["ckptavg"]["weights"]["inputs"]] == [400, 500]
+    assert mem["held_out"] == disk["held_out"]  # the mean of two copies of step400 is step400, bit for bit
 
 
 # Against lm-eval and transformers, run by hand -----------------------------------------------
@@ -239,7 +268,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(eval_run, held_out, tmp_
     shutil.copytree(eval_run / "step500", d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))  # the weights have 2 layers
-    with pytest.raises(ckptavg.CkptavgError, match=r"tensor 'gpt_neox\.layers\.2\..*' is missing"):
+    with pytest.raises(ckptavg.CheckpointError, match=r"tensor 'gpt_neox\.layers\.2\..*' is missing"):
         score(d, selection=spec, text=held_out["txt"], progress=False)
 
 
@@ -247,7 +276,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(eval_run, held_out, tmp_
 def test_cli_json_output_and_results_file(eval_run, held_out, tmp_path):
     out = tmp_path / "res" / "eval.json"
     r = run("eval", eval_run, "--window", 2, "--tasks", "ckptavg_basics", "--limit", 20, "--batch-size", 4,
-            "--text", held_out["jsonl"], "--seq-len", 16, "--output", out, "--json")
+            "--text", held_out["jsonl"], "--seq-len", 16, "--results", out, "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data == json.loads(out.read_text())
@@ -277,6 +306,9 @@ def test_missing_lm_eval_names_the_extra_and_text_still_works(eval_run, held_out
     assert r.output.strip() == (
         "Error: scoring tasks needs lm-evaluation-harness (missing module 'lm_eval'): pip install 'ckptavg[eval]'"
     )
+    with pytest.raises(ckptavg.MissingDependencyError, match=EXTRA_HINT.replace("[", r"\[")) as err:
+        score(eval_run, "ckptavg_basics", step=100)
+    assert isinstance(err.value, ImportError)  # `except ImportError` around optional features still catches it
     r = run("eval", eval_run / "step100", "--text", held_out["txt"], "--json")
     assert r.exit_code == 0, r.output
     assert "results" not in json.loads(r.stdout) and json.loads(r.stdout)["held_out"]["loss"] > 0
@@ -289,16 +321,33 @@ def test_missing_lm_eval_names_the_extra_and_text_still_works(eval_run, held_out
     (["--step", 100, "--window", 2, "--text", ROOT / "README.md"], "not both"),
     (["--step", 150, "--text", ROOT / "README.md"], "no checkpoint at step 150"),
     (["--window", 2, "--tasks", "ckptavg_basics", "--include-path", ROOT / "nope"], "must be a folder of task YAMLs"),
-], ids=["run-without-spec", "unknown-task", "nothing-to-score", "step-and-window", "bad-step", "bad-include-path"])
+    (["--step", 100, "--text", ROOT / "README.md", "--dtype", "float8"], "unknown model dtype 'float8'"),
+    (["--step", 100, "--text", ROOT / "README.md", "--seq-len", 1], "--seq-len must be at least 2, got 1"),
+], ids=["run-without-spec", "unknown-task", "nothing-to-score", "step-and-window", "bad-step", "bad-include-path",
+        "bad-dtype", "bad-seq-len"])
 def test_bad_input_gives_one_line_errors(eval_run, args, msg):
+    """Every one is a bad flag: exit 2, as click gives for its own flag errors."""
     r = run("eval", eval_run, *args)
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     assert msg in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kw, error", [
+    (dict(tasks="ckptavg_basics"), ckptavg.SelectionError),
+    (dict(tasks="ckptavg_basic", step=100), ckptavg.UsageError),
+    (dict(), ckptavg.UsageError),
+    (dict(text=ROOT / "README.md", step=100, selection=Selection(window=2)), ckptavg.UsageError),
+    (dict(text=ROOT / "README.md", step=100, dtype="float8"), ckptavg.UsageError),
+    (dict(text=ROOT / "README.md", step=100, seq_len=0), ckptavg.UsageError),
+], ids=["run-without-spec", "unknown-task", "nothing-to-score", "step-and-selection", "bad-dtype", "bad-seq-len"])
+def test_bad_arguments_raise_the_specific_error_class(eval_run, kw, error):
+    with pytest.raises(error):
+        score(eval_run, **kw)
 
 
 def test_eval_has_help_and_cli_start_stays_light():
     assert len(run("eval", "--help").output) > 500
-    code = ("import sys, ckptavg.cli, ckptavg; ckptavg.score.__doc__; "
+    code = ("import sys, ckptavg.cli, ckptavg, ckptavg.eval; ckptavg.score.__doc__; "
             "assert not {'torch', 'lm_eval', 'transformers'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -311,7 +360,7 @@ def test_offline_sets_the_hf_variables_for_the_call_only(monkeypatch):
     for k in names:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    with _offline_env(True):
+    with offline_env(True):
         assert [os.environ.get(k) for k in names] == ["1"] * 3
         assert hub_constants.HF_HUB_OFFLINE is True
     assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
@@ -333,3 +382,13 @@ def test_packaged_task_is_well_formed_and_shipped():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ckptavg"]
     for f in (TASKS_DIR / "ckptavg_basics").iterdir():
         assert any(fnmatch(str(f.relative_to(ROOT / "ckptavg")), g) for g in globs), f
+
+
+def test_old_module_name_warns_and_still_works(monkeypatch):
+    import ckptavg.eval
+
+    monkeypatch.delitem(sys.modules, "ckptavg.evaluate", raising=False)  # warn even if imported earlier
+    with pytest.warns(DeprecationWarning, match=r"ckptavg\.evaluate is deprecated: use ckptavg\.eval"):
+        old = importlib.import_module("ckptavg.evaluate")
+    assert old.score is ckptavg.eval.score and old.held_out_loss is ckptavg.eval.held_out_loss
+    assert set(old.__all__) == set(ckptavg.eval.__all__)
