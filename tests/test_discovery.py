@@ -128,3 +128,24 @@ def test_empty_folder_and_step_dir_without_weights(tmp_path):
         ckptavg.discover(tmp_path / "run")
     with pytest.raises(CkptavgError, match="no such file"):
         ckptavg.discover(tmp_path / "missing")
+
+
+def test_a_single_file_beside_shards_is_read_as_from_pretrained_reads_it(tmp_path):
+    """A stale model.safetensors left beside an index and its shards: ckptavg averages what
+    transformers loads (the single file), never the other set of weights."""
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    sharded = GPTNeoXForCausalLM(tiny_config())
+    torch.manual_seed(1)
+    single = GPTNeoXForCausalLM(tiny_config())
+    d = tmp_path / "run" / "checkpoint-10"
+    sharded.save_pretrained(d, max_shard_size="20KB")
+    single.save_pretrained(tmp_path / "single")
+    (tmp_path / "single" / "model.safetensors").rename(d / "model.safetensors")
+    assert (d / "model.safetensors.index.json").is_file()
+    loaded = GPTNeoXForCausalLM.from_pretrained(d).state_dict()
+    ours = ckptavg.average(d, progress=False)
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    assert torch.equal(ours[name], loaded[name]) and torch.equal(ours[name], single.state_dict()[name])
+    assert [i["location"] for i in ours.manifest["inputs"]] == [str(d)]

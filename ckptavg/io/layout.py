@@ -5,10 +5,11 @@ writer and series' completeness check alike:
 
 - which files are weights (``.safetensors``, ``.bin``/``.pt``/``.pth``/``.ckpt``) and which sit
   beside them without being the model (optimizer, scheduler, RNG and trainer state);
-- which weights a folder (or a Hub revision's file list) means, in transformers' order of
-  precedence: ``model.safetensors.index.json``, ``model.safetensors``,
-  ``pytorch_model.bin.index.json``, ``pytorch_model.bin``, then one other index, then one other
-  weight file;
+- which weights a folder (or a Hub revision's file list) means, in the order
+  ``from_pretrained`` loads them: ``model.safetensors``, ``model.safetensors.index.json``,
+  ``pytorch_model.bin``, ``pytorch_model.bin.index.json``, then one other index, then one other
+  weight file — so a stale single file beside shards is averaged exactly when transformers would
+  load it;
 - reading an index (validated: no duplicate keys, shard names inside the folder) and writing one;
 - checking shards against each other and their index (a tensor in two shards, a tensor listed in
   one shard but stored in another, a tensor missing from the index).
@@ -34,8 +35,8 @@ TORCH_EXT = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_EXT = SAFETENSORS_EXT + TORCH_EXT
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-# transformers' order of precedence when a folder holds several of these
-STANDARD_WEIGHTS = (SAFETENSORS_INDEX, "model.safetensors", TORCH_INDEX, "pytorch_model.bin")
+# from_pretrained's order of precedence when a folder holds several of these
+STANDARD_WEIGHTS = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
 
 # Files beside the weights in training checkpoints that are not the model.
 # (Megatron's model_optim_rng.pt holds the model under 'model', so it is kept.)
@@ -97,10 +98,10 @@ def pick_weights(
         return WeightSet("safetensors" if ".safetensors." in index else "torch", shards, index)
 
     for index, single in ((SAFETENSORS_INDEX, "model.safetensors"), (TORCH_INDEX, "pytorch_model.bin")):
+        if single in names:  # from_pretrained takes the single file over an index beside it
+            return WeightSet(format_of(single), (single,))
         if index in names:
             return sharded(index)
-        if single in names:
-            return WeightSet(format_of(single), (single,))
     indexes = sorted(n for n in names if n.endswith(".index.json"))
     if len(indexes) == 1:
         return sharded(indexes[0])
