@@ -150,3 +150,14 @@ def test_every_command_has_help_with_its_purpose():
         r = run(name, "--help")
         first = (command.help or "").strip().splitlines()[0]
         assert r.exit_code == 0 and first and first[:40] in " ".join(r.output.split()), name
+
+
+def test_a_merge_of_one_checkpoint_says_it_is_a_copy(make_run, tmp_path):
+    root, states = make_run("safetensors", steps=(1, 2, 3))
+    r = run("merge", root, "--method", "ema", "--half-life", "5", "--steps", "2", "-o", tmp_path / "one", "-q")
+    assert r.exit_code == 0, r.output
+    assert "warning: the selection is one checkpoint (step 2); the output is a copy of it" in r.stderr
+    got = load_file(tmp_path / "one" / "model.safetensors")
+    assert all(torch.equal(v, states[2][k]) for k, v in got.items())
+    r = run("merge", root, "--window", "2", "-o", tmp_path / "two", "-q")
+    assert r.exit_code == 0 and "warning" not in r.stderr

@@ -128,6 +128,9 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
     w = methods.weights(how["method"], sel.steps, weights=how["weights"], decay=how["decay"], half_life=how["half_life"])
     target = out or _default_out(traj.root, how["method"], len(sel), sel.steps[-1], how["decay"], how["half_life"])
     summary: dict[str, Any] = {"output": str(target), "method": how["method"], "steps": sel.steps, "weights": w}
+    if len(sel) == 1:  # any method of one checkpoint is that checkpoint: say so rather than look like an average
+        click.echo(f"warning: the selection is one checkpoint (step {sel.steps[0]}); the output is a copy of it, "
+                   "not an average (widen --window/--from/--steps to average several)", err=True)
     if not dry_run:
         average(sel, target, **how, **kw, progress=not quiet and not as_json)
         if evict:
