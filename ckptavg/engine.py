@@ -141,8 +141,13 @@ class RunningAverage:
             self.add(raw, dtype, weight, key)
         self._updates = 0
 
+    def finite(self, at: int = 0, n: int | None = None) -> bool:
+        """No NaN/Inf in elements [at, at+n) of the sum (one cheap pass; the full check only if that fails)."""
+        acc = self.sum[at : at + (self.n - at if n is None else n)]
+        return bool(np.isfinite(acc.sum()) or np.isfinite(acc).all())
+
     def emit(self, dtype: DType, into: np.ndarray | None = None, where: Callable[[], str] | None = None,
-             at: int = 0, n: int | None = None) -> np.ndarray:
+             at: int = 0, n: int | None = None, *, narrowing: str = "", checked: bool = False) -> np.ndarray:
         """The average of elements [at, at+n) (default: all in use) as raw values of ``dtype``.
 
         Args:
@@ -150,20 +155,46 @@ class RunningAverage:
             into: an accumulator-dtype buffer of at least ``n`` for the average; None divides in
                 place (the sum is spent: for a one-shot merge whose inputs are not needed again).
             where: builds the NaN/Inf message (called only when there are any).
+            narrowing: the tensor's name when ``dtype`` has a smaller range than the inputs'
+                (fp32 → fp16, fp32 → bf16): the cast is then checked for overflow.
+            checked: the caller has just seen :meth:`finite` hold (skips a second pass).
 
         Raises:
-            NonFiniteError: the span holds NaN/Inf and ``allow_nonfinite`` is off.
+            NonFiniteError: the span holds NaN/Inf and ``allow_nonfinite`` is off, or a finite
+                average does not fit ``dtype``.
         """
         n = self.n - at if n is None else n
         acc = self.sum[at : at + n]
-        if not self.allow_nonfinite and not (np.isfinite(acc.sum()) or np.isfinite(acc).all()):
+        if not self.allow_nonfinite and not checked and not self.finite(at, n):
             raise NonFiniteError(where() if where else "the average holds NaN/Inf; pass --allow-nonfinite to write it anyway")
         out = acc if into is None else into[:n]
         if self.norm != 1.0:
             np.divide(acc, self.norm, out=out)
         elif into is not None:
             np.copyto(out, acc)
-        return out if dtype.storage == out.dtype else from_accumulator(out, dtype)
+        if dtype.storage == out.dtype:
+            return out
+        with np.errstate(over="ignore"):
+            cast = from_accumulator(out, dtype)
+        if narrowing and not self.allow_nonfinite and not _fits(cast, dtype):
+            peak = float(np.abs(out).max())
+            raise NonFiniteError(f"tensor {narrowing!r}: the average reaches {peak:.4g}, beyond {dtype.torch_name}'s "
+                                 "range; write it as float32 or bfloat16 (--dtype)")
+        return cast
+
+
+def _fits(cast: np.ndarray, dtype: DType) -> bool:
+    """No element of a finite average became Inf in the cast to ``dtype``."""
+    if dtype.name == "BF16":  # bit patterns: an all-ones exponent is Inf (NaN cannot come from finite values)
+        return not bool(np.any(np.bitwise_and(cast, 0x7F80) == 0x7F80))
+    return bool(np.isfinite(cast).all())
+
+
+def narrows(src: DType, dst: DType) -> bool:
+    """Whether an average of ``src`` values may overflow ``dst``: fp16 holds less than bf16, fp32
+    and fp64; bf16 a little less than fp32 (3.39e38 against 3.40e38) and fp64."""
+    wider = {"F16": ("BF16", "F32", "F64"), "BF16": ("F32", "F64")}
+    return src.name in wider.get(dst.name, ())
 
 
 def prefetch(tasks: Iterable[Callable[[], T]], pool: ThreadPoolExecutor, depth: int) -> Iterator[T]:
@@ -236,9 +267,14 @@ def stream(
     active = [i for i, w in enumerate(weights) if w != 0.0]
     uniform = len({weights[i] for i in active}) == 1
     newest = len(readers) - 1
-    # rotated: the writer may still hold the last WRITE_DEPTH emitted chunks
-    states = [RunningAverage(chunk, ACCUMULATORS[accumulate], allow_nonfinite=allow_nonfinite)
-              for _ in range(WRITE_DEPTH + 2)]
+    # rotated: the writer may still hold the last WRITE_DEPTH emitted chunks; one set per accumulator dtype
+    pools: dict[Any, list[RunningAverage]] = {}
+
+    def state(info: TensorInfo, i: int) -> RunningAverage:
+        acc = np.float64 if accumulate == "float64" or info.dtype.name == "F64" else ACCUMULATORS[accumulate]
+        pool = pools.setdefault(acc, [RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite)
+                                      for _ in range(WRITE_DEPTH + 2)])
+        return pool[i % len(pool)]
 
     def jobs() -> Iterator[Callable[[], np.ndarray]]:
         for info in plan:
@@ -247,18 +283,26 @@ def stream(
                 for i in srcs:
                     yield partial(readers[i].read, info.name, start, n)
 
-    def culprit(info: TensorInfo, start: int, n: int) -> str:
+    def exact(info: TensorInfo, start: int, n: int, cast: str) -> np.ndarray:
+        """The chunk again in fp64: finite inputs whose fp32 sum overflowed, or a NaN/Inf input to name."""
         bad = _first_nonfinite([readers[i] for i in active], info.name, start, n)
-        who = bad.label if bad is not None else "an input"
-        return (f"{who}: tensor {info.name!r} has NaN/Inf values; "
-                "refusing to average (pass --allow-nonfinite to average anyway)")
+        if bad is not None:
+            raise NonFiniteError(f"{bad.label}: tensor {info.name!r} has NaN/Inf values; "
+                                 "refusing to average (pass --allow-nonfinite to average anyway)")
+        st = RunningAverage(n, np.float64)
+        for i in active:
+            st.add(readers[i].read(info.name, start, n), info.dtype, 1.0 if uniform else weights[i])
+        return st.emit(out_dtypes[info.name], narrowing=cast)
 
     produced = 0
+    # Overflow and inf - inf are expected on the way to the NaN/Inf checks, which report them.
     with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool:
+            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool, np.errstate(over="ignore", invalid="ignore"):
         reads = prefetch(jobs(), pool, PREFETCH)
         out = WriteBehind(sink, wpool, WRITE_DEPTH)
         for info in plan:
+            out_dt = out_dtypes[info.name]
+            cast = info.name if narrows(info.dtype, out_dt) else ""
             for start, n in _spans(info.numel, chunk):
                 if not info.dtype.floating:
                     raw = next(reads)
@@ -266,7 +310,7 @@ def stream(
                     if on_bytes:
                         on_bytes(raw.nbytes)
                     continue
-                st = states[produced % len(states)]
+                st = state(info, produced)
                 produced += 1
                 st.reset(n)
                 for i in active:
@@ -274,7 +318,11 @@ def stream(
                     if on_bytes:
                         on_bytes(raw.nbytes)
                     st.add(raw, info.dtype, 1.0 if uniform else weights[i])
-                out.write(info.name, start, st.emit(out_dtypes[info.name], where=partial(culprit, info, start, n)))
+                if allow_nonfinite or st.finite():
+                    values = st.emit(out_dt, narrowing=cast, checked=True)
+                else:
+                    values = exact(info, start, n, cast)
+                out.write(info.name, start, values)
         out.flush()
 
 
@@ -331,13 +379,15 @@ def stream_series(
         return lambda: (f"step {t.step}: tensor {info.name!r} averages to NaN/Inf (an input in {span} holds "
                         "NaN/Inf); pass --allow-nonfinite to write it anyway")
 
+    # Overflow and inf - inf are expected on the way to the NaN/Inf checks, which report them.
     with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool:
+            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool, np.errstate(over="ignore", invalid="ignore"):
         reads = prefetch(jobs(), pool, PREFETCH)
         writers = {step: WriteBehind(sink, wpool, WRITE_DEPTH) for step, sink in sinks.items()}
 
         def emit(info: TensorInfo, s0: int, t: Target) -> None:
-            out = st.emit(out_dtypes[info.name], avg, message(info, t))
+            out_dt = out_dtypes[info.name]
+            out = st.emit(out_dt, avg, message(info, t), narrowing=info.name if narrows(info.dtype, out_dt) else "")
             writers[t.step].write(info.name, s0, out.copy() if np.shares_memory(out, avg) else out)
 
         for info in tensors:

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import methods, sources
 from .averaging import ensure_tensors, finish_directory
-from .engine import CHUNK_ELEMS, RunningAverage, Target, stream_series
+from .engine import CHUNK_ELEMS, RunningAverage, Target, narrows, stream_series
 from .errors import MethodError, OutputError, SelectionError, UsageError
 from .io.dtypes import DType, parse_dtype, to_torch
 from .io.layout import is_complete_output
@@ -320,33 +320,37 @@ def iter_series(
     buf = np.empty(CHUNK_ELEMS, np.float32)
     last = -1  # ema: index of the newest checkpoint folded in
     for t in targets:
-        if factors is not None:
-            for j in range(last + 1, t.index + 1):
-                st.decay(factors[j])
-                fold(j)
-            last = t.index
-        else:
-            for j in sorted(st.members - set(t.inputs)):
-                fold(j, -1)
-            for j in sorted(set(t.inputs) - st.members):
-                fold(j)
-            if st.drifted:  # exact again: the window from scratch
-                st.reset()
-                for j in t.inputs:
+        # Overflow and inf - inf are reported by emit's NaN/Inf check, naming the tensor. The state is
+        # left before each yield: the caller's numpy settings are not ours to change.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if factors is not None:
+                for j in range(last + 1, t.index + 1):
+                    st.decay(factors[j])
                     fold(j)
-        sd: dict[str, torch.Tensor] = {}
-        with CheckpointReader(ckpts[t.index].files, ckpts[t.index].format, str(ckpts[t.index])) as r:
-            for info in ref.values():
-                if not info.dtype.floating:
-                    sd[info.name] = to_torch(r.read(info.name), info.dtype, info.shape)
-                    continue
-                dt = out_dtype or info.dtype
-                vals = np.empty(info.numel, dt.storage)
-                for s0 in range(0, info.numel, CHUNK_ELEMS):
-                    n = min(CHUNK_ELEMS, info.numel - s0)
-                    vals[s0 : s0 + n] = st.emit(dt, buf, functools.partial(_nonfinite, info.name, traj[t.inputs[0]].step, t.step),
-                                                at=offsets[info.name] + s0, n=n)
-                sd[info.name] = to_torch(vals, dt, info.shape)
+                last = t.index
+            else:
+                for j in sorted(st.members - set(t.inputs)):
+                    fold(j, -1)
+                for j in sorted(set(t.inputs) - st.members):
+                    fold(j)
+                if st.drifted:  # exact again: the window from scratch
+                    st.reset()
+                    for j in t.inputs:
+                        fold(j)
+            sd: dict[str, torch.Tensor] = {}
+            with CheckpointReader(ckpts[t.index].files, ckpts[t.index].format, str(ckpts[t.index])) as r:
+                for info in ref.values():
+                    if not info.dtype.floating:
+                        sd[info.name] = to_torch(r.read(info.name), info.dtype, info.shape)
+                        continue
+                    dt = out_dtype or info.dtype
+                    where = functools.partial(_nonfinite, info.name, traj[t.inputs[0]].step, t.step)
+                    cast = info.name if narrows(info.dtype, dt) else ""
+                    vals = np.empty(info.numel, dt.storage)
+                    for s0 in range(0, info.numel, CHUNK_ELEMS):
+                        n = min(CHUNK_ELEMS, info.numel - s0)
+                        vals[s0 : s0 + n] = st.emit(dt, buf, where, at=offsets[info.name] + s0, n=n, narrowing=cast)
+                    sd[info.name] = to_torch(vals, dt, info.shape)
         yield t, sd
 
 

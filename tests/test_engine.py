@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import ckptavg
 from ckptavg import engine
 from ckptavg.errors import CkptavgError
+from ckptavg.selection import Selection
 from conftest import FORMATS, tiny_config
 
 
@@ -219,3 +220,39 @@ def test_manifest_hashes_and_configs_come_from_the_newest(make_run, tmp_path):
         for fname, digest in entry["sha256"].items():
             assert digest == hashlib.sha256((Path(entry["location"]) / fname).read_bytes()).hexdigest()
     assert set(man["files"]) == {p.name for p in out.iterdir()}
+
+
+def _run_of(tmp_path, values: dict[int, dict[str, torch.Tensor]]):
+    from safetensors.torch import save_file
+
+    for step, sd in values.items():
+        (tmp_path / "run" / f"step{step}").mkdir(parents=True)
+        save_file(sd, tmp_path / "run" / f"step{step}" / "model.safetensors")
+    return ckptavg.discover(tmp_path / "run")
+
+
+def test_finite_inputs_whose_fp32_sum_overflows_still_average_exactly(tmp_path):
+    big = torch.tensor([3e38, -3e38, 1.0, 3.4e38])
+    traj = _run_of(tmp_path, {1: {"w": big}, 2: {"w": big.clone()}, 3: {"w": big * 0.5}})
+    got = ckptavg.average(traj, progress=False)["w"]  # the fp32 running sum reaches 7.5e38: inf
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, torch.stack([big.double(), big.double(), (big * 0.5).double()]).mean(0).float())
+
+
+def test_a_cast_that_overflows_is_refused_naming_tensor_and_dtype(tmp_path):
+    traj = _run_of(tmp_path, {1: {"w": torch.tensor([1e5, 1.0])}, 2: {"w": torch.tensor([1e5, 3.0])}})
+    with pytest.raises(ckptavg.NonFiniteError, match=r"tensor 'w': the average reaches 1e\+05, beyond float16's range"):
+        ckptavg.average(traj, tmp_path / "o", dtype="float16", progress=False)
+    assert not (tmp_path / "o").exists()
+    assert ckptavg.average(traj, dtype="bfloat16", progress=False)["w"].tolist() == [99840.0, 2.0]  # bf16 holds it
+    from ckptavg.series import iter_series
+
+    with pytest.raises(ckptavg.NonFiniteError, match="beyond float16's range"):
+        next(iter_series(traj, Selection(window=2), dtype="float16"))
+
+
+def test_float64_checkpoints_are_averaged_in_float64(tmp_path):
+    xs = [torch.tensor([1.0 + 1e-10, 1.0 + 3e-10], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)]
+    traj = _run_of(tmp_path, {1: {"w": xs[0]}, 2: {"w": xs[1]}})
+    got = ckptavg.average(traj, progress=False)["w"]  # fp32 would round both to 1.0
+    assert got.dtype == torch.float64 and torch.equal(got, torch.stack(xs).mean(0))
