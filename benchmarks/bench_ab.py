@@ -5,7 +5,7 @@ reuses) the inputs of ``bench_merge.py`` and ``bench_series.py``, checks out REV
 worktree, and runs the same commands with both codes, alternating A/B so machine noise hits both
 alike. Wall is the median over repeats, peak RSS the maximum, both from ``/usr/bin/time -v``.
 
-    python benchmarks/bench_ab.py --base 51d3e37 [--repeats 5]
+    python benchmarks/bench_ab.py --base 51d3e37 [--this REV] [--repeats 5]
 
 Prints one table: per command, base and this checkout, and their ratio.
 """
@@ -42,19 +42,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="git revision to compare against")
     ap.add_argument("--work", type=Path, default=REPO / "bench-work")
+    ap.add_argument("--this", help="git revision to measure instead of the working tree")
     ap.add_argument("--repeats", type=int, default=REPEATS)
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     merge_run = bench_merge.build_run(work)
     series_run = bench_series.build_run(work)
-    base = work / "ab-base"
-    if base.exists():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
-        shutil.rmtree(base, ignore_errors=True)
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), args.base], check=True,
-                   capture_output=True)
-    sides = {"base": base, "this": REPO}
+    trees = []
+
+    def checkout(name: str, rev: str) -> Path:
+        tree = work / f"ab-{name}"
+        if tree.exists():
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+            shutil.rmtree(tree, ignore_errors=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)
+        trees.append(tree)
+        return tree
+
+    sides = {"base": checkout("base", args.base), "this": checkout("this", args.this) if args.this else REPO}
     commands = {
         f"merge --window {MERGE_K} (5 x 536 MB fp32)": lambda out: [
             sys.executable, "-m", "ckptavg", "merge", str(merge_run), "--window", str(MERGE_K), "-o", str(out), "-q"],
@@ -78,8 +85,9 @@ def main() -> int:
             rss = {s: max(r for _, r in v) for s, v in got.items()}
             rows.append((name, wall["base"], wall["this"], wall["this"] / wall["base"], rss["base"], rss["this"]))
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
-    print(f"base = {args.base}, this = working tree; median wall of {args.repeats}, max peak RSS")
+        for tree in trees:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+    print(f"base = {args.base}, this = {args.this or 'working tree'}; median wall of {args.repeats}, max peak RSS")
     print(f"{'command':<40} {'base s':>7} {'this s':>7} {'ratio':>6} {'base MB':>8} {'this MB':>8}")
     for name, wb, wt, ratio, rb, rt in rows:
         print(f"{name:<40} {wb:>7.2f} {wt:>7.2f} {ratio:>6.2f} {rb:>8.0f} {rt:>8.0f}")

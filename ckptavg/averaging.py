@@ -121,6 +121,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     hash_inputs: bool = False,
     allow_nonfinite: bool = False,
     allow_duplicates: bool = False,
+    fsync: bool = True,
     progress: bool = True,
 ) -> Path | StateDict:
     """Average checkpoints, streaming one tensor chunk at a time.
@@ -141,6 +142,8 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         allow_nonfinite: average tensors holding NaN/Inf instead of refusing.
         allow_duplicates: average Hub revisions whose weights are byte-identical to another step
             branch's instead of refusing (see :func:`ckptavg.hub.materialise`).
+        fsync: flush every output file and the folder to disk before the output appears (off:
+            faster, but a power loss may leave a complete-looking folder of empty files).
         progress: show a tqdm bar (bytes read) on stderr.
 
     Returns:
@@ -194,7 +197,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
                     ckpts, w, method, params, dtype=out_dtype.torch_name if out_dtype else "same as inputs",
                     accumulate=accumulate, trajectory=root, hashes=hashes)
                 return state
-            with atomic_directory(Path(out), force=force) as tmp:
+            with atomic_directory(Path(out), force=force, fsync=fsync) as tmp:
                 dir_sink = SafetensorsDirSink(tmp, entries, shard_bytes)
                 try:
                     stream(readers, w, plan, out_dtypes, dir_sink, **kw)

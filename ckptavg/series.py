@@ -185,6 +185,7 @@ def series(
     max_shard_size: int | str | None = None,
     allow_nonfinite: bool = False,
     allow_duplicates: bool = False,
+    fsync: bool = True,
     progress: bool = True,
     **legacy: Any,
 ) -> list[SeriesOutput]:
@@ -196,7 +197,7 @@ def series(
             and appears atomically. Re-running skips targets whose output is complete and valid.
         selection: the targets, and ``window`` = k for uniform (LAWA); see :func:`plan`.
         method, decay, half_life, partial, non_overlapping: how each target is averaged; see :func:`plan`.
-        dtype, max_shard_size, allow_nonfinite, allow_duplicates, progress: as for :func:`ckptavg.average`.
+        dtype, max_shard_size, allow_nonfinite, allow_duplicates, fsync, progress: as for :func:`ckptavg.average`.
 
     Returns:
         One SeriesOutput per target, in step order; ``written`` is False for targets kept from an
@@ -257,7 +258,7 @@ def series(
             sinks[t.step].close()
             ins = [ckpts[j] for j in t.inputs]
             finish_directory(tmps[t.step], ins, t.weights, method, params, out_dtype, "float64", str(traj.root))
-            commit_directory(tmps[t.step], dirs[t.step])
+            commit_directory(tmps[t.step], dirs[t.step], fsync)
             del tmps[t.step]
     finally:
         for r in readers.values():

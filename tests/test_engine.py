@@ -256,3 +256,24 @@ def test_float64_checkpoints_are_averaged_in_float64(tmp_path):
     traj = _run_of(tmp_path, {1: {"w": xs[0]}, 2: {"w": xs[1]}})
     got = ckptavg.average(traj, progress=False)["w"]  # fp32 would round both to 1.0
     assert got.dtype == torch.float64 and torch.equal(got, torch.stack(xs).mean(0))
+
+
+def test_outputs_reach_the_disk_before_they_appear(make_run, tmp_path, monkeypatch):
+    """Durability: every output file and the folder are fsynced before the rename that makes the
+    output visible, and the parent after it (so a power loss never shows a folder of empty files)."""
+    import os
+
+    root, _ = make_run("safetensors", steps=(1, 2))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(b))) or real_rename(a, b))
+    out = ckptavg.average(ckptavg.discover(root), tmp_path / "o", progress=False)
+    rename = events.index(("rename", str(out)))
+    synced = {Path(p).name for kind, p in events[:rename] if kind == "fsync"}
+    assert {p.name for p in out.iterdir()} <= synced  # every file, before the rename
+    assert any(kind == "fsync" and Path(p).name.startswith(".o.ckptavg-tmp-") for kind, p in events[:rename])
+    assert ("fsync", str(tmp_path)) in events[rename:]
+    events.clear()
+    ckptavg.average(ckptavg.discover(root), tmp_path / "fast", fsync=False, progress=False)
+    assert not [e for e in events if e[0] == "fsync"]

@@ -25,6 +25,7 @@ from .options import (
     selection_from,
     selection_options,
     trajectory_options,
+    write_options,
 )
 from .present import human_bytes
 
@@ -100,6 +101,7 @@ def _default_out(root: str, method: str, k: int, last_step: int, decay: float | 
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors with NaN/Inf instead of refusing.")
 @click.option("--evict", is_flag=True, help="hf:// only: delete the inputs' weight files from the HF cache after the merge.")
 @click.option("--dry-run", is_flag=True, help="Show the selection and weights; read no tensor data.")
+@write_options
 @output_options
 @friendly_errors
 def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, as_json: bool, step_pattern: str | None,
@@ -159,6 +161,7 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
 @click.option("--dtype", help="Output dtype [default: the inputs'].")
 @click.option("--max-shard-size", help="Shard each output, e.g. 5GB.")
 @click.option("--allow-nonfinite", is_flag=True, help="Write averages with NaN/Inf instead of refusing.")
+@write_options
 @output_options
 @friendly_errors
 def series_cmd(path: str, out: Path, stride: int | None, quiet: bool, as_json: bool, step_pattern: str | None,

@@ -70,6 +70,12 @@ trajectory_options = _group(
                  help="hf:// only: use revisions whose weights are byte-identical to another step's."),
 )
 
+# How an output folder is written (merge, series).
+write_options = _group(
+    click.option("--no-fsync", "fsync", flag_value=False, default=True,
+                 help="Skip flushing outputs to disk before they appear (faster; a power loss may leave empty files)."),
+)
+
 # What the command shows.
 output_options = _group(
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
@@ -144,4 +150,4 @@ def deprecated_alias(new: str) -> Callable[[click.Context, click.Parameter, Any]
 
 
 __all__ = ["deprecated_alias", "float_list", "friendly_errors", "int_list", "method_from", "method_options",
-           "output_options", "selection_from", "selection_options", "trajectory_options"]
+           "output_options", "selection_from", "write_options", "selection_options", "trajectory_options"]

@@ -125,9 +125,27 @@ def begin_directory(out: Path, force: bool = False) -> Path:
     return tmp
 
 
-def commit_directory(tmp: Path, out: Path) -> None:
-    """Move a finished temporary into place (replacing an old ``out`` only once the new one is whole)."""
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_directory(tmp: Path, out: Path, fsync: bool = True) -> None:
+    """Move a finished temporary into place (replacing an old ``out`` only once the new one is whole).
+
+    With ``fsync`` every file and the folder reach the disk before the rename, and the rename
+    before this returns: after a power loss ``out`` is either absent or whole, never a folder of
+    empty files.
+    """
     out = Path(os.path.abspath(out))
+    if fsync:
+        for p in sorted(tmp.iterdir()):
+            if p.is_file() and not p.is_symlink():
+                _fsync(p)
+        _fsync(tmp)
     if out.exists():
         old = out.parent / f".{out.name}.ckptavg-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
@@ -135,17 +153,19 @@ def commit_directory(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+    if fsync:
+        _fsync(out.parent)
 
 
 @contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(out: Path, force: bool = False, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it is renamed to ``out``, on any error
     (or a kill) nothing appears at ``out``. A leftover temporary is hidden (dot name) and is
     removed by the next run once its process is gone."""
     tmp = begin_directory(out, force)
     try:
         yield tmp
-        commit_directory(tmp, out)
+        commit_directory(tmp, out, fsync)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
