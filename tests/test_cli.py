@@ -78,13 +78,15 @@ def test_output_exists_is_refused_then_force_replaces(make_run, tmp_path):
     (["--method", "ema"], "exactly one of --decay"),
     (["--dtype", "int8"], "unknown output dtype"),
     (["--max-shard-size", "lots"], "cannot parse size"),
+    (["--max-shard-size", "inf"], "cannot parse size 'inf'"),
+    (["--max-shard-size", "nan"], "cannot parse size 'nan'"),
     (["--window", "0"], "--window must be a whole number of at least 1, got 0"),
     (["--every", "0"], "--every must be a whole number of at least 1, got 0"),
     (["--spacing", "-5"], "--spacing must be a whole number of at least 1, got -5"),
     (["--from", "300", "--to", "100"], "--from 300 is after --to 100"),
     (["--from", "250", "--to", "280"], "nothing selected by Selection(start=250, stop=280)"),
     (["--step-pattern", "x(\\d+)"], "--step-pattern applies to hf:// trajectories only"),
-], ids=["window", "at", "method", "ema-params", "dtype", "shard-size", "window-0", "every-0", "spacing-negative",
+], ids=["window", "at", "method", "ema-params", "dtype", "shard-size", "shard-size-inf", "shard-size-nan", "window-0", "every-0", "spacing-negative",
         "from-after-to", "empty-range", "step-pattern-local"])
 def test_bad_flags_give_one_line_errors_and_no_output(make_run, tmp_path, args, msg):
     root, _ = make_run("safetensors", steps=(100, 200, 300))

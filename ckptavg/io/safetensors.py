@@ -234,6 +234,6 @@ def parse_size(text: str | int) -> int:
         value = float(num)
     except ValueError:
         value = -1.0
-    if unit not in _SIZE_UNITS or value <= 0:
+    if unit not in _SIZE_UNITS or not math.isfinite(value) or value <= 0 or value * _SIZE_UNITS[unit] >= 2**63:
         raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB or 500MiB")
     return int(value * _SIZE_UNITS[unit])
