@@ -101,6 +101,24 @@ def _evil_bin(run: Path, base: dict, legacy: bool = False) -> None:
                _use_new_zipfile_serialization=not legacy)
 
 
+class EvalPayload:
+    """A pickle whose top-level global is ``eval`` (torch names it differently from a REDUCE of os.system)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (eval, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _evil_global(run: Path, base: dict) -> None:
+    _good(run, base, steps=(1, 3), fmt="bin")
+    d = run / "step2"
+    d.mkdir()
+    torch.save({"model": dict(integer_state(base, 9)), "hook": EvalPayload(run.parent / MARKER_NAME)},
+               d / "pytorch_model.bin")
+
+
 def _raw_pickle_bin(run: Path, base: dict, protocol: int = 2) -> None:
     _good(run, base, steps=(1, 3), fmt="bin")
     (run / "step2").mkdir()
@@ -178,8 +196,9 @@ CASES: dict[str, Case] = {
     "st-size-mismatch": Case(lambda r, b: (_good(r, b), _rewrite_header(_st(r), lambda h: (h[_first_tensor(h)].update(shape=[1, 1]), h)[1])), "needs"),
     "st-empty-file": Case(lambda r, b: (_good(r, b), _st(r).write_bytes(b"")), "shorter than the 8-byte"),
     # pickles
-    "bin-runs-code-zip": Case(lambda r, b: _evil_bin(r, b), "refused to load: the pickle asks for code (Trying to load unsupported GLOBAL posix.system"),
-    "bin-runs-code-legacy": Case(lambda r, b: _evil_bin(r, b, legacy=True), "refused to load: the pickle asks for code"),
+    "bin-runs-code-zip": Case(lambda r, b: _evil_bin(r, b), "refused to load: the pickle asks for the global posix.system, code that ckptavg never runs"),
+    "bin-runs-code-legacy": Case(lambda r, b: _evil_bin(r, b, legacy=True), "refused to load: the pickle asks for the global posix.system"),
+    "pt-asks-for-eval": Case(lambda r, b: _evil_global(r, b), "refused to load: the pickle asks for the global eval, code that"),
     "bin-raw-pickle-code": Case(_raw_pickle_bin, "step2/pytorch_model.bin: refused to load"),
     "bin-raw-pickle-proto5": Case(lambda r, b: _raw_pickle_bin(r, b, 5), "step2/pytorch_model.bin: not a readable torch checkpoint"),
     "bin-not-a-checkpoint": Case(lambda r, b: (_good(r, b, fmt="bin"), (r / "step2" / "pytorch_model.bin").write_bytes(os.urandom(4096))), "not a readable torch checkpoint"),

@@ -12,6 +12,7 @@ larger storage) and legacy pre-zip files fall back to torch's own loading.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import warnings
 import zipfile
@@ -57,13 +58,15 @@ def _load(path: Path, mmap: bool) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        detail = _unpickler_detail(e)
-        if "GLOBAL" in detail or "global" in detail:
+        # torch words it "Unsupported global: GLOBAL eval was not …" or "unsupported GLOBAL posix.system";
+        # its advice to retry with weights_only=False is exactly what must not be done with such a file
+        named = re.search(r"GLOBAL\s+([\w.]+)", str(e))
+        if named:
             raise CheckpointError(
-                f"{path}: refused to load: the pickle asks for code ({detail}); "
-                "only plain tensor checkpoints are read (weights_only=True)"
+                f"{path}: refused to load: the pickle asks for the global {named.group(1)}, code that ckptavg "
+                "never runs (only tensors and plain containers are read, weights_only=True)"
             ) from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {detail}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {_unpickler_detail(e)}") from None
     except Exception as e:  # noqa: BLE001 — garbage bytes raise IndexError, KeyError, EOFError …: all mean "not a checkpoint"
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {_first_line(e)}") from None
 
