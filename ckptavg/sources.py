@@ -15,6 +15,12 @@ def is_hub(path: object) -> bool:
     return isinstance(path, str) and path.startswith(HUB_PREFIX)
 
 
+def canonical(path: str | os.PathLike[str]) -> str:
+    """A trajectory's stable name: ``hf://…`` as given, a local path made absolute (symlinks resolved)."""
+    text = os.fspath(path)
+    return text if is_hub(text) else os.path.realpath(text)
+
+
 def discover(path: str | os.PathLike[str], *, check: bool = True, step_pattern: str | None = None) -> Trajectory:
     """Find the checkpoints of a run, reading headers or Hub metadata only.
 

@@ -1,7 +1,7 @@
 """ckptavg sweep / plot: the table against direct scoring and closed-form averages, resume after a
 SIGKILL, failed jobs, Ray against the local executor, recipe validation, shipped recipes, the PNG.
 
-The run is test_evaluate's (5 tiny GPT-NeoX checkpoints with a tokenizer, steps 100..500), scored on
+The run is conftest's eval_run (5 tiny GPT-NeoX checkpoints with a tokenizer, steps 100..500), scored on
 the packaged ckptavg_basics task (limit 8) and a held-out text; nothing is downloaded.
 """
 
@@ -19,13 +19,21 @@ import pytest
 from click.testing import CliRunner
 
 import ckptavg
-from ckptavg import CkptavgError, Selection
+from ckptavg import CkptavgError, Selection, SelectionError, UsageError
 from ckptavg.cli import cli
 from ckptavg.sweep import (
-    TABLE, EvalSpec, Recipe, RayOptions, Steps, Variants, _Table, load_recipe, load_results, plan, ray_options,
+    TABLE,
+    EvalSpec,
+    RayOptions,
+    Recipe,
+    Variants,
+    load_recipe,
+    load_results,
+    plan,
+    ray_options,
     run_sweep,
 )
-from test_evaluate import eval_run, held_out, tokenizer  # noqa: F401  (pytest fixtures: the scored run)
+from ckptavg.sweep.table import ResultsTable
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHIA_TASKS = ("lambada_openai", "piqa", "winogrande", "arc_easy", "arc_challenge", "sciq")
@@ -116,7 +124,7 @@ def test_held_out_loss_equals_a_torch_average_scored_by_hand(local_sweep, eval_r
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from ckptavg.evaluate import held_out_loss
+    from ckptavg.eval import held_out_loss
 
     model = AutoModelForCausalLM.from_pretrained(eval_run / f"step{step}").eval()
     sds = {s: load_file(eval_run / f"step{s}" / "model.safetensors") for s in weights}
@@ -144,6 +152,7 @@ def _complete_jobs(table: Path) -> int:
     return sum(n == sum(r["attempt"] == a for r in rows) for a, n in attempts.items())
 
 
+@pytest.mark.slow  # a subprocess that imports torch and lm-eval, then SIGKILL
 def test_sigkill_mid_sweep_then_rerun_completes_without_recomputing(eval_run, held_out, tmp_path):
     out = tmp_path / "killed"
     data = recipe(eval_run, held_out["txt"], out, steps={"start": 200}, variants={"raw": True, "uniform": [2]},
@@ -192,7 +201,7 @@ def test_a_torn_last_line_is_cut_and_its_job_rerun(local_sweep, eval_run, held_o
 
 def test_a_table_being_written_by_another_sweep_is_refused(local_sweep, eval_run, held_out):
     report, _ = local_sweep
-    other = _Table(report.table)
+    other = ResultsTable(report.table)
     try:
         with pytest.raises(CkptavgError, match="another sweep is writing this table"):
             run_sweep(recipe(eval_run, held_out["txt"], report.table.parent), progress=False)
@@ -209,39 +218,52 @@ def test_a_table_scored_under_another_eval_spec_is_refused(local_sweep, eval_run
 
 
 # Failed jobs ---------------------------------------------------------------------------------
-def test_failing_jobs_are_recorded_and_retried_and_the_sweep_goes_on(eval_run, held_out, tmp_path, monkeypatch):
-    import ckptavg.evaluate
+def test_failing_jobs_are_recorded_and_retried_and_the_sweep_goes_on(eval_run, held_out, tmp_path, monkeypatch,
+                                                                     capsys):
+    import ckptavg.eval
 
-    real = ckptavg.evaluate.score
+    real = ckptavg.eval.score
 
     def flaky(target, *args, **kwargs):  # type: ignore[no-untyped-def]
         if target.steps[-1] == 300 and kwargs["selection"].window == 1:
+            print("chatter before the failure", file=sys.stderr)  # what lm-eval and transformers do at every job
             raise RuntimeError("injected failure\nsecond line")
         return real(target, *args, **kwargs)
 
-    monkeypatch.setattr(ckptavg.evaluate, "score", flaky)
+    monkeypatch.setattr(ckptavg.eval, "score", flaky)
     path = write_recipe(tmp_path / "r.yaml", recipe(eval_run, held_out["txt"], tmp_path / "out", steps=[200, 300],
                                                      variants={"raw": True, "uniform": [3]}))
     report = run_sweep(path, progress=False)
     assert report.ran == 4 and sorted(report.failed) == [
-        (200, "uniform3", "CkptavgError: tiny: window 3 needs 3 checkpoints, the selection has 2"),
+        (200, "uniform3", "SelectionError: tiny: window 3 needs 3 checkpoints, the selection has 2"),
         (300, "raw", "RuntimeError: injected failure"),
     ]
     rows = load_results(tmp_path / "out")
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 2 and all(r["metric"] is None and r["value"] is None for r in failed)
-    assert "injected failure" in next(r for r in failed if r["variant"] == "raw")["provenance"]["traceback"]
+    raw_failure = next(r for r in failed if r["variant"] == "raw")["provenance"]
+    assert "injected failure" in raw_failure["traceback"]
+    assert raw_failure["log"] == "chatter before the failure\n"  # a job's stderr is kept with its failure…
+    assert "chatter" not in capsys.readouterr().err  # …and kept off the terminal
     assert len([r for r in rows if r["status"] == "ok"]) == 2 * len(METRICS)  # the other two jobs finished
     assert "## Failed jobs" in report.markdown.read_text()
 
-    monkeypatch.setattr(ckptavg.evaluate, "score", real)
+    monkeypatch.setattr(ckptavg.eval, "score", real)
     r = run_cli("sweep", path, "-q")
     assert r.exit_code == 1  # a job still failed
     assert "4 jobs: 2 run now (1 ok, 1 failed), 2 already in the table" in r.output
-    assert "failed: step 200 uniform3: CkptavgError: tiny: window 3 needs 3 checkpoints" in r.output
+    assert "failed: step 200 uniform3: SelectionError: tiny: window 3 needs 3 checkpoints" in r.output
     rows = load_results(tmp_path / "out")
     assert {(r["step"], r["variant"]) for r in rows if r["status"] == "failed"} == {(200, "uniform3")}
     assert len([r for r in rows if r["status"] == "ok"]) == 3 * len(METRICS)
+
+    r = run_cli("sweep", path, "--json")
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert report == {"table": str(tmp_path / "out" / TABLE), "csv": str(tmp_path / "out" / "results.csv"),
+                      "markdown": str(tmp_path / "out" / "results.md"), "jobs": 4, "skipped": 3, "ran": 1,
+                      "failed": [{"step": 200, "variant": "uniform3", "error": report["failed"][0]["error"]}]}
+    assert "window 3 needs 3 checkpoints" in report["failed"][0]["error"]
 
 
 # Ray -----------------------------------------------------------------------------------------
@@ -261,6 +283,7 @@ def ray_session():  # type: ignore[no-untyped-def]
             os.environ["RAY_USAGE_STATS_ENABLED"] = saved
 
 
+@pytest.mark.slow  # starts Ray
 def test_ray_executor_gives_the_same_table_and_records_failures(ray_session, local_sweep, eval_run, held_out, tmp_path):
     _, rows = local_sweep
     data = recipe(eval_run, held_out["txt"], tmp_path / "ray", steps=[400, 500])
@@ -294,6 +317,17 @@ def test_ray_resources_follow_the_eval_device(device, ray, want):
     ("trajectory: r\noutput: o\neval: {tasks: [piqa], limt: 10}\n", "unknown key 'eval.limt'; did you mean 'limit'?"),
     ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: {start: 1000, strid: 2}\n",
      "unknown key 'steps.strid'"),
+    ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: {spacng: 20}\n",
+     "unknown key 'steps.spacng'; did you mean 'spacing'? (known in steps: start, stop, spacing, every, at, steps)"),
+    ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: {window: 5}\n", "unknown key 'steps.window'"),
+    ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: {spacing: 0}\n",
+     "steps.spacing must be a whole number of at least 1, got 0"),
+    ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: {start: 600, stop: 100}\n",
+     "steps.start 600 is after steps.stop 100"),
+    ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: []\n", "steps: the list of target steps is empty"),
+    ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: [300, x]\n", "steps[1] must be an integer, got 'x'"),
+    ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nsteps: 300\n",
+     "steps must be a mapping (start, stop, spacing, every, at, steps) or a list of steps, got 300"),
     ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nvariants: {uniform: [five]}\n",
      "variants.uniform[0] must be an integer, got 'five'"),
     ("trajectory: r\noutput: o\neval: {tasks: [piqa], batch_size: big}\n", "eval.batch_size must be an integer or 'auto'"),
@@ -302,23 +336,26 @@ def test_ray_resources_follow_the_eval_device(device, ray, want):
     ("trajectory: r\noutput: o\neval: {tasks: [piqa]}\nvariants: {raw: false}\n", "no variants to score"),
     ("trajectory: r\noutput: o\neval: {tasks: [piqa]\n", "not valid YAML"),
     ("- just\n- a list\n", "the recipe must be a mapping"),
-], ids=["top-level", "nested", "steps", "type", "batch-size", "missing", "nothing-to-score", "no-variants",
-        "yaml", "not-a-mapping"])
+], ids=["top-level", "nested", "steps", "steps-typo", "steps-window", "steps-spacing", "steps-order", "steps-empty",
+        "steps-item", "steps-type", "type", "batch-size", "missing", "nothing-to-score", "no-variants", "yaml",
+        "not-a-mapping"])
 def test_bad_recipes_are_refused_in_one_line_naming_the_file(tmp_path, text, msg):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(CkptavgError) as e:
+    with pytest.raises(UsageError) as e:
         load_recipe(path)
     assert str(e.value).startswith(f"{path}") and msg in str(e.value)
+    if "steps." in msg and "unknown" not in msg:
+        assert isinstance(e.value, SelectionError)  # range errors of the target steps are Selection's
     r = run_cli("sweep", path)
-    assert r.exit_code == 1 and msg in r.output
+    assert r.exit_code == 2 and msg in r.output  # a bad recipe is bad input: the usage exit code
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_recipe_defaults_live_in_the_dataclasses():
     r = load_recipe({"trajectory": "runs/x", "output": "o", "eval": {"text": "v.txt"}})
     assert r == Recipe("runs/x", "o", EvalSpec(text="v.txt"))
-    assert (r.steps, r.variants, r.ray, r.evict) == (Steps(), Variants(), RayOptions(), False)
+    assert (r.steps, r.variants, r.ray, r.evict) == (Selection(), Variants(), RayOptions(), False)
     assert [v.name for v in r.variants.expand()] == ["raw"]
     with pytest.raises(Exception, match="frozen|cannot assign"):
         r.output = "elsewhere"  # type: ignore[misc]
@@ -338,13 +375,41 @@ def test_plan_targets_and_windows_on_a_log_spaced_start():
     assert [(j.step, j.variant.name) for j in jobs][:4] == [(1000, "raw"), (1000, "uniform5"), (3000, "raw"), (3000, "uniform5")]
     assert sorted({j.step for j in jobs}) == [1000, 3000, 5000, 7000, 9000]
     assert jobs[1].inputs.steps == [64, 128, 256, 512, 1000] and jobs[0].inputs.steps == [1000]
-    with pytest.raises(CkptavgError, match="no checkpoint at step 1500"):
+    with pytest.raises(SelectionError, match="no checkpoint at step 1500"):
         plan(load_recipe({"trajectory": "hf://org/p", "output": "o", "eval": {"tasks": ["piqa"]}, "steps": [1500]}),
              _pythia_like())
+    with pytest.raises(SelectionError, match="no target step selected"):
+        plan(load_recipe({"trajectory": "hf://org/p", "output": "o", "eval": {"tasks": ["piqa"]},
+                          "steps": {"start": 20_000}}), _pythia_like())
+
+
+@pytest.mark.parametrize("steps, want", [
+    ({"start": 1000, "spacing": 2000}, [1000, 3000, 5000, 7000, 9000]),
+    ({"spacing": 3000}, [0, 3000, 6000, 9000]),  # from 0 without a start, as Selection's spacing
+    ({"stop": 4, "every": 2}, [1, 4]),  # every 2nd of 0, 1, 2, 4, counted back from the newest
+    ({"at": 3000, "start": 512}, [512, 1000, 2000, 3000]),
+    ({"steps": [4000, 2000], "start": 3000}, [4000]),
+    ([4000, 2000, 4000], [2000, 4000]),
+    (None, None),  # every checkpoint
+], ids=["start-spacing", "spacing-from-0", "every", "at", "steps-filtered", "list", "default"])
+def test_recipe_steps_are_a_selection_and_pick_its_targets(steps, want):
+    data = {"trajectory": "hf://org/p", "output": "o", "eval": {"tasks": ["piqa"]}, "variants": {"uniform": [2]}}
+    r = load_recipe(data | ({"steps": steps} if steps is not None else {}))
+    traj = _pythia_like()
+    sel = Selection(steps=tuple(steps)) if isinstance(steps, list) else Selection(**(steps or {}))
+    assert r.steps == sel
+    targets = sorted({j.step for j in plan(r, traj)})
+    assert targets == sel.targets(traj).steps == (want or traj.steps)
+
+
+def test_a_window_is_not_a_target_filter():
+    with pytest.raises(UsageError, match="steps.window is not a target filter"):
+        Recipe("runs/x", "o", EvalSpec(text="v.txt"), steps=Selection(window=5))
 
 
 def test_evict_drops_only_revisions_no_unfinished_job_needs(monkeypatch):
-    from ckptavg import hub, sweep
+    from ckptavg import hub
+    from ckptavg.sweep.plan import evict_consumed
     from ckptavg.trajectory import Checkpoint, Trajectory
 
     src = hub.HubSource("org/p", "b", "c", ())
@@ -356,7 +421,7 @@ def test_evict_drops_only_revisions_no_unfinished_job_needs(monkeypatch):
     monkeypatch.setattr(hub, "evict", lambda cs: gone.append([c.step for c in cs]) or 0)
     evicted: set[int] = set()
     for i, job in enumerate(jobs):
-        sweep._evict_consumed(job, jobs[i + 1:], evicted)
+        evict_consumed(job, jobs[i + 1:], evicted)
     assert gone == [[1], [2], [3], [4, 5, 6]]
 
 
@@ -384,6 +449,7 @@ def test_pythia_recipes_are_lawa_sweeps_on_a_gpu(size):
     assert r.eval.limit is None and r.eval.offline is False
 
 
+@pytest.mark.slow  # needs the trained demo run
 def test_demo_recipe_fits_what_make_demo_writes(demo_run, tmp_path, monkeypatch):
     """recipes/demo.yaml, run from a folder laid out as `make demo` leaves ./example (the session's
     trained demo run, its held-out text and task), on its last target."""
@@ -397,11 +463,32 @@ def test_demo_recipe_fits_what_make_demo_writes(demo_run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     r = load_recipe(ROOT / "recipes" / "demo.yaml")
     assert sorted({j.step for j in plan(r, ckptavg.discover(r.trajectory))}) == list(range(100, 601, 20))
-    report = run_sweep(replace(r, steps=Steps(exact=(600,))), progress=False)
+    report = run_sweep(replace(r, steps=Selection(steps=(600,))), progress=False)
     assert report.table == tmp_path / "example" / "sweep" / TABLE and (report.ran, report.failed) == (3, ())
     rows = load_results(report.table)
     assert {(r["task"], r["metric"]) for r in rows} >= {("critter_facts", "acc"), ("held_out", "loss")}
     assert {(r["step"], r["variant"]) for r in rows} == {(600, v) for v in ("raw", "uniform5", "ema-h30")}
+
+
+def test_missing_ray_and_matplotlib_name_their_extra(local_sweep, eval_run, held_out, tmp_path, monkeypatch):
+    from ckptavg import MissingDependencyError
+    from ckptavg.sweep.plot import plot_results
+
+    report, _ = local_sweep
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'ckptavg\[ray\]'"):
+        run_sweep(recipe(eval_run, held_out["txt"], tmp_path / "ray"), executor="ray", progress=False)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'ckptavg\[plot\]'"):
+        plot_results(report.table, tmp_path / "x.png")
+
+
+def test_bad_executor_arguments_are_usage_errors(eval_run, held_out, tmp_path):
+    data = recipe(eval_run, held_out["txt"], tmp_path / "o")
+    with pytest.raises(UsageError, match="unknown executor 'slurm'"):
+        run_sweep(data, executor="slurm", progress=False)
+    with pytest.raises(UsageError, match="--address applies to --executor ray only"):
+        run_sweep(data, address="auto", progress=False)
 
 
 # Plot ----------------------------------------------------------------------------------------
@@ -409,7 +496,7 @@ def test_plot_writes_a_png_with_a_panel_per_metric(local_sweep, tmp_path):
     import matplotlib.image as mpimg
     from PIL import Image
 
-    from ckptavg.plot import plot_results
+    from ckptavg.sweep.plot import plot_results
 
     report, _ = local_sweep
     png = plot_results(report.table.parent, tmp_path / "all.png")
@@ -418,13 +505,33 @@ def test_plot_writes_a_png_with_a_panel_per_metric(local_sweep, tmp_path):
     pixels = mpimg.imread(png)
     assert pixels.ndim == 3 and float(pixels[..., :3].std()) > 0.02  # lines and text, not a blank canvas
 
-    r = run_cli("plot", report.table, "--task", "held_out", "--metric", "loss", "-o", tmp_path / "loss.png")
+    r = run_cli("plot", report.table, "--task", "held_out", "--metric", "loss", "--png", tmp_path / "loss.png")
     assert r.exit_code == 0 and r.output.strip() == f"wrote {tmp_path / 'loss.png'}"
     with Image.open(tmp_path / "loss.png") as im:
         assert im.size[0] < Image.open(png).size[0]  # one panel
 
     r = run_cli("plot", report.table, "--task", "piqa")
     assert r.exit_code == 1 and "no finished rows to plot for tasks ['piqa']" in r.output
+
+
+def test_plot_adds_gain_panels_and_marks_for_the_demo_figure(local_sweep, tmp_path):
+    from PIL import Image
+
+    from ckptavg.sweep.plot import Mark, plot_results
+
+    report, _ = local_sweep
+    kw = dict(tasks=["held_out"], metrics=["loss"], dpi=100)
+    plain = plot_results(report.table, tmp_path / "plain.png", **kw)
+    gain = plot_results(report.table, tmp_path / "gain.png", **kw, variants=["raw", "uniform3", "ema-h100"],
+                        start=400, labels={"raw": "raw checkpoint", "uniform3": "LAWA k=3"}, gain=True, gain_clip=1e-4,
+                        marks=[Mark(450, 500, "a span", "C2"), Mark(400, label="a step")], title="a title")
+    with Image.open(plain) as a, Image.open(gain) as b:
+        assert b.size[0] == a.size[0] and b.size[1] > a.size[1] * 1.4  # a gain panel under the loss panel
+    no_raw = plot_results(report.table, tmp_path / "no-raw.png", **kw, variants=["uniform3"], gain=True)
+    with Image.open(no_raw) as c:
+        assert c.size == Image.open(plain).size  # nothing to compare with: no gain panel
+    with pytest.raises(CkptavgError, match=r"no finished rows to plot for variants \['uniform9'\]"):
+        plot_results(report.table, tmp_path / "x.png", variants=["uniform9"])
 
 
 def test_sweep_and_plot_have_help_and_keep_the_cli_light():
