@@ -246,7 +246,7 @@ def write_task(folder: str | os.PathLike[str], items: Sequence[dict[str, Any]], 
     data = write_jsonl(d / f"{name}.jsonl", items)
     yaml = d / f"{name}.yaml"
     yaml.write_text(
-        "# Zero-shot multiple choice in Critter, ckptavg's synthetic demo language (ckptavg.synthlang):\n"
+        "# Zero-shot multiple choice in Critter, ckptavg's synthetic demo language (ckptavg.demo.synthlang):\n"
         "# facts of the world (food, home, colour), sums in words, and subject-verb agreement.\n"
         f"task: {name}\n"
         "dataset_path: json\n"
