@@ -143,3 +143,60 @@ def demo_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)  # runs of an older recipe
     return build_run(root / RUN_NAME, progress=False)[0]
+
+
+# A scored run for eval, sweep and demo tests: 5 tiny GPT-NeoX HF directories (steps 100..500) with a
+# BPE tokenizer trained on the packaged task and a held-out text; nothing is downloaded.
+EVAL_STEPS = (100, 200, 300, 400, 500)
+TASK_DATA = Path(__file__).resolve().parents[1] / "ckptavg" / "tasks" / "ckptavg_basics" / "ckptavg_basics.jsonl"
+HELD_OUT = [
+    "The opposite of cold is hot, and the opposite of night is day.",
+    "One mouse, two mice; one goose, two geese; one child, two children.",
+    "Today I sing; yesterday I sang. Today I swim; yesterday I swam.",
+    "A week has seven days and a year has twelve months.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    docs = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
+    corpus = [d["question"] + " " + " ".join(d["choices"]) for d in docs] + HELD_OUT
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=192, special_tokens=["<|endoftext|>", "<unk>"],
+                                                        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+    """runs/tiny/step{100..500}: HF directories (safetensors, config.json, tokenizer files)."""
+    from safetensors.torch import save_file
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    centre = GPTNeoXForCausalLM(config).state_dict()
+    root = tmp_path_factory.mktemp("runs") / "tiny"
+    for i, step in enumerate(EVAL_STEPS):
+        g = torch.Generator().manual_seed(i)
+        d = root / f"step{step}"
+        d.mkdir(parents=True)
+        save_file({k: (v + 0.2 * torch.randn(v.shape, generator=g)).contiguous() for k, v in centre.items()},
+                  d / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+    return root
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("text")
+    (d / "valid.txt").write_text(" ".join(HELD_OUT))
+    (d / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD_OUT))
+    return {"txt": d / "valid.txt", "jsonl": d / "valid.jsonl"}
