@@ -67,10 +67,12 @@ def weights(name: str, steps: Sequence[int], **params: object) -> list[float]:
     if not steps:
         raise SelectionError("nothing selected: the selection has no checkpoints")
     w = [float(x) for x in fn(list(steps), **given)]
-    total = math.fsum(w)
-    if not all(math.isfinite(x) for x in w) or total <= 0:
+    if not all(math.isfinite(x) and x >= 0 for x in w) or max(w) <= 0:
         raise MethodError(f"method {name!r} produced unusable weights {w}")
-    return [x / total for x in w]
+    top = max(w)  # scale first: weights near 1e308 are valid, but their sum overflows
+    scaled = [x / top for x in w]
+    total = math.fsum(scaled)
+    return [x / total for x in scaled]
 
 
 @register("uniform")
@@ -111,7 +113,7 @@ def ema(steps: list[int], decay: float | None = None, half_life: float | None = 
         n = len(steps)
         return [decay ** (n - 1 - i) for i in range(n)]
     assert half_life is not None
-    if not half_life > 0:
-        raise MethodError(f"--half-life must be positive, got {half_life}")
+    if not (half_life > 0 and math.isfinite(half_life)):
+        raise MethodError(f"--half-life must be a positive finite number of steps, got {half_life}")
     last = steps[-1]
     return [0.5 ** ((last - s) / half_life) for s in steps]

@@ -22,6 +22,12 @@ def test_weighted_normalises():
         methods.weights("weighted", [1, 2])
 
 
+def test_weights_near_the_float_limit_normalise_instead_of_overflowing():
+    # Their sum is inf; scaled by the largest they are [1, 1, 1e-308] / 2.
+    assert methods.weights("weighted", [1, 2, 3], weights=[1e308, 1e308, 1]) == [0.5, 0.5, 0.5e-308]
+    assert methods.weights("weighted", [1, 2], weights=[1.7e308, 1.7e308]) == [0.5, 0.5]
+
+
 def test_ema_half_life_uses_step_distance_not_position():
     steps = [0, 1, 2, 4, 512, 1000]
     w = methods.weights("ema", steps, half_life=100)
@@ -39,7 +45,8 @@ def test_ema_decay_counts_checkpoints():
 
 @pytest.mark.parametrize("params, msg", [
     ({}, "exactly one of"), ({"decay": 0.9, "half_life": 5}, "exactly one of"),
-    ({"decay": 1.5}, "must be in"), ({"half_life": 0}, "must be positive"),
+    ({"decay": 1.5}, "must be in"), ({"half_life": 0}, "must be a positive finite"),
+    ({"half_life": float("inf")}, "must be a positive finite"),
 ])
 def test_ema_parameter_errors(params, msg):
     with pytest.raises(CkptavgError, match=msg):
