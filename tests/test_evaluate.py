@@ -293,6 +293,31 @@ def test_bad_arguments_raise_the_specific_error_class(eval_run, kw, error):
         score(eval_run, **kw)
 
 
+@pytest.mark.parametrize("how", [["--step", 500], ["--window", 2]], ids=["from-disk", "in-memory"])
+def test_custom_code_models_are_refused_without_running_their_code(eval_run, held_out, tmp_path, how):
+    """A config whose model_type only the checkpoint's own modeling_*.py knows: transformers would
+    import that file (or stop at a y/N prompt). ckptavg refuses in one line and runs none of it."""
+    import shutil
+
+    sentinel = tmp_path / "code-ran"
+    run_dir = tmp_path / "custom"
+    for step in (400, 500):
+        d = shutil.copytree(eval_run / f"step{step}", run_dir / f"step{step}")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg |= {"model_type": "critter", "auto_map": {"AutoConfig": "configuration_critter.CritterConfig",
+                                                      "AutoModelForCausalLM": "modeling_critter.CritterForCausalLM"}}
+        (d / "config.json").write_text(json.dumps(cfg))
+        for mod in ("configuration_critter", "modeling_critter"):
+            (d / f"{mod}.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    target = run_dir / "step500" if how[0] == "--step" else run_dir
+    args = ["eval", target, "--text", held_out["txt"]] + (how[2:] if how[0] == "--step" else how)
+    r = subprocess.run([sys.executable, "-m", "ckptavg", *map(str, args)], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    assert r.returncode == 1 and not sentinel.exists()
+    assert "model_type 'critter' needs its own code (modeling_critter.CritterForCausalLM)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "[y/N]" not in r.stdout and r.stdout == ""
+
+
 def test_eval_has_help_and_cli_start_stays_light():
     assert len(run("eval", "--help").output) > 500
     code = ("import sys, ckptavg.cli, ckptavg, ckptavg.eval; ckptavg.score.__doc__; "

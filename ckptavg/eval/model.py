@@ -57,11 +57,37 @@ def _check_loaded(model: Any, info: Mapping[str, Any], where: str) -> None:
         raise CheckpointError(f"{where}: tensor {name!r} has the wrong shape for {type(model).__name__}")
 
 
+def _refuse_custom_code(config_dir: Path) -> None:
+    # transformers would import the checkpoint's own modeling_*.py (or stop at an interactive y/N
+    # prompt); ckptavg never runs code that came with a checkpoint.
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = config_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    model_type = cfg.get("model_type")
+    auto_map = cfg.get("auto_map")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    code = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
+    what = f"its own code ({code})" if code else "code transformers does not ship"
+    raise CheckpointError(
+        f"{path}: model_type {model_type!r} needs {what}; ckptavg never runs code that comes with a "
+        "checkpoint (merge it, then score the folder with lm-eval --trust_remote_code if you trust it)"
+    )
+
+
 def _load_tokenizer(source: str | os.PathLike[str], given: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if given:  # the user's --tokenizer is wrong, not the checkpoint
@@ -149,9 +175,11 @@ def load_model(
     config_dir: Path | None
     if not spec and _is_hf_directory(traj[0]):
         config_dir = Path(traj[0].location).resolve()
+        _refuse_custom_code(config_dir)
         tok_src = tokenizer or config_dir
         tok = _load_tokenizer(tok_src, tokenizer is not None)
-        loaded = AutoModelForCausalLM.from_pretrained(config_dir, dtype=torch_dtype, output_loading_info=True)
+        loaded = AutoModelForCausalLM.from_pretrained(config_dir, dtype=torch_dtype, output_loading_info=True,
+                                                      trust_remote_code=False)
         model, info = loaded
         _check_loaded(model, info, str(config_dir))
         has_record = (config_dir / _manifest.MANIFEST_NAME).is_file()
@@ -172,7 +200,8 @@ def load_model(
                 f"{newest.location}: no config.json beside the weights; eval builds the model from it "
                 "(save the run's HF config there)"
             )
-        config = AutoConfig.from_pretrained(config_dir)
+        _refuse_custom_code(config_dir)
+        config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise CheckpointError(
                 f"{config_dir / 'config.json'}: model_type {config.model_type!r} has no causal-LM class in transformers"
