@@ -14,7 +14,8 @@ raises RepositoryNotFoundError, RevisionNotFoundError and RemoteEntryNotFoundErr
 
 Faults are injected per request with :meth:`HubServer.fault`: ``"500"`` (an internal error),
 ``"drop"`` (headers for the whole file, half the bytes, then the connection closes) and
-``"corrupt"`` (the right length, one byte flipped, so only a sha256 check notices). Every request
+``"corrupt"`` (the right length, one byte flipped, so only a sha256 check notices) and ``"stall"``
+(headers for the whole file, a few bytes, then silence until the client gives up). Every request
 is logged in ``server.log`` so tests can say what was (not) downloaded.
 """
 
@@ -112,7 +113,7 @@ class HubServer:
 
     def fault(self, kind: str, *, file: str | None = None, api: str | None = None, repo: str | None = None,
               branch: str | None = None, times: int = 1) -> None:
-        """Inject ``kind`` ("500", "drop", "corrupt") into the next ``times`` matching requests:
+        """Inject ``kind`` ("500", "drop", "corrupt", "stall") into the next ``times`` matching requests:
         GETs of ``file`` (at ``branch``'s commit, if given), or the API call ``api`` ("refs", "tree" …)."""
         commit = self.repos[repo].branches[branch] if repo and branch else None
         self._faults.append(_Fault(kind, file, api, commit, times))
@@ -245,6 +246,23 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         body = data[start:end + 1]
+        if fault == "stall":
+            # The whole length announced, 16 bytes sent, then nothing: a read timeout on the client.
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:16])
+            self.wfile.flush()
+            self.hub.log.append(Hit(self.command, self.path, rng, status, fault))
+            self.close_connection = True
+            self.connection.settimeout(None)
+            try:
+                self.connection.recv(1)  # returns when the client closes the connection
+            except OSError:
+                pass
+            return None
         if fault == "drop":
             # The whole length announced, half of it sent, then the connection goes away.
             self.send_response(status)

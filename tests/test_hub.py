@@ -349,6 +349,26 @@ def test_persistent_faults_fail_clearly_and_leave_no_file(hub, kind, msg, tmp_pa
     assert not snap.exists() and not snap.is_symlink()
 
 
+@pytest.mark.slow  # real read timeouts (1 s each) in a fresh process
+@pytest.mark.parametrize("stalls", [2, 6], ids=["client-resumes", "one-retry"])
+def test_a_stalled_download_says_one_line_per_retry_at_most(hub, states, tmp_path, stalls):
+    """The server sends headers and 16 bytes, then nothing. huggingface_hub times out and resumes on
+    its own up to 5 times, each with a two-line warning (52 lines of them before this was fixed);
+    ckptavg's own attempt fails after 6 stalls and is retried with one line."""
+    hub.fault("stall", file="pytorch_model.bin", repo=REPO, branch="step2000", times=stalls)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_ENDPOINT": hub.url,
+            "HF_HUB_OFFLINE": "0", "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
+    args = ["merge", URI, "--window", 2, "--at", 2000, "-o", tmp_path / "o", "-q"]
+    r = subprocess.run([sys.executable, "-m", "ckptavg", *map(str, args)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len([h for h in hub.log if h.fault == "stall"]) == stalls
+    assert_exact(load_file(tmp_path / "o" / "model.safetensors"), oracle(states, [1000, 2000]))
+    want = [] if stalls < 6 else ["warning: hf://org/pythia-tiny@step2000/pytorch_model.bin: timed out; retry 1 of 3"]
+    assert r.stderr.splitlines() == want
+
+
 # Offline and eviction ----------------------------------------------------------------------------
 
 def test_offline_works_from_the_cache_the_online_run_filled(hub, states, tmp_path, monkeypatch):

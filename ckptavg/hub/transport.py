@@ -9,7 +9,10 @@ inside the functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -128,6 +131,28 @@ def _hub_error(where: str, e: BaseException) -> HubError:
     return HubError(f"{where}: {first_line(e)}")
 
 
+_inside = threading.local()  # .active: this thread is in retrying(), which reports retries itself
+
+
+class _OwnRetries(logging.Filter):
+    """Drop huggingface_hub's per-attempt warnings ("Error while downloading … Trying to resume
+    download…", "Retrying in 1s") raised under :func:`retrying`: it says one line per retry itself.
+    Everywhere else, and at ERROR level, the client's logging is untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not getattr(_inside, "active", False)
+
+
+_FILTER = _OwnRetries()
+
+
+def _quiet_client_retries() -> None:
+    for name in ("huggingface_hub.file_download", "huggingface_hub.utils._http"):
+        log = logging.getLogger(name)
+        if _FILTER not in log.filters:
+            log.addFilter(_FILTER)
+
+
 def retrying(where: str, fn: Callable[[], T], *, failed: str = "") -> T:
     """``fn()``, retried on transient failures; any failure becomes one HubError naming ``where``.
 
@@ -136,10 +161,15 @@ def retrying(where: str, fn: Callable[[], T], *, failed: str = "") -> T:
         fn: one attempt; raises :class:`Corrupt` for a download whose bytes were wrong.
         failed: what the last line says failed [default: the Hub at its endpoint].
     """
+    _quiet_client_retries()
     last: BaseException | None = None
     for attempt in range(ATTEMPTS):
         if attempt:
+            assert last is not None
+            warnings.warn(f"{where}: {first_line(last)}; retry {attempt} of {ATTEMPTS - 1}", HubWarning, stacklevel=2)
             time.sleep(RETRY_WAIT * 2 ** (attempt - 1))
+        outer = getattr(_inside, "active", False)
+        _inside.active = True
         try:
             return fn()
         except Exception as e:
@@ -148,6 +178,8 @@ def retrying(where: str, fn: Callable[[], T], *, failed: str = "") -> T:
             if not _transient(e):
                 raise _hub_error(where, e) from None
             last = e
+        finally:
+            _inside.active = outer
     assert last is not None
     if failed:
         raise HubError(f"{where}: {failed} failed {ATTEMPTS} times, last: {first_line(last)}")
