@@ -5,7 +5,7 @@ reuses) the inputs of ``bench_merge.py`` and ``bench_series.py``, checks out REV
 worktree, and runs the same commands with both codes, alternating A/B so machine noise hits both
 alike. Wall is the median over repeats, peak RSS the maximum, both from ``/usr/bin/time -v``.
 
-    python benchmarks/bench_ab.py --base 51d3e37 [--this REV] [--repeats 5]
+    python benchmarks/bench_ab.py --base 51d3e37 [--this REV] [--repeats 5] [--this-flag=--no-fsync]
 
 Prints one table: per command, base and this checkout, and their ratio.
 """
@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=REPO / "bench-work")
     ap.add_argument("--this", help="git revision to measure instead of the working tree")
     ap.add_argument("--repeats", type=int, default=REPEATS)
+    ap.add_argument("--this-flag", action="append", default=[],
+                    help="extra flag for this side only, e.g. --no-fsync against a base that did not fsync")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,8 @@ def main() -> int:
                     out = work / f"ab-out-{side}"
                     shutil.rmtree(out, ignore_errors=True)
                     env = dict(os.environ, PYTHONPATH=str(root))
-                    got[side].append(_time(cmd(out), env, work / "ab-time.txt"))
+                    extra = args.this_flag if side == "this" else []
+                    got[side].append(_time(cmd(out) + extra, env, work / "ab-time.txt"))
                     shutil.rmtree(out, ignore_errors=True)
             wall = {s: statistics.median(w for w, _ in v) for s, v in got.items()}
             rss = {s: max(r for _, r in v) for s, v in got.items()}
@@ -87,7 +90,8 @@ def main() -> int:
     finally:
         for tree in trees:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
-    print(f"base = {args.base}, this = {args.this or 'working tree'}; median wall of {args.repeats}, max peak RSS")
+    flags = f" {' '.join(args.this_flag)}" if args.this_flag else ""
+    print(f"base = {args.base}, this = {args.this or 'working tree'}{flags}; median wall of {args.repeats}, max peak RSS")
     print(f"{'command':<40} {'base s':>7} {'this s':>7} {'ratio':>6} {'base MB':>8} {'this MB':>8}")
     for name, wb, wt, ratio, rb, rt in rows:
         print(f"{name:<40} {wb:>7.2f} {wt:>7.2f} {ratio:>6.2f} {rb:>8.0f} {rt:>8.0f}")
