@@ -475,8 +475,9 @@ def test_missing_ray_and_matplotlib_name_their_extra(local_sweep, eval_run, held
     from ckptavg.sweep.plot import plot_results
 
     report, _ = local_sweep
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    # import ray / matplotlib.* → ImportError, also for submodules an earlier test already imported
+    for name in [m for m in sys.modules if m.split(".")[0] in ("ray", "matplotlib")] + ["ray", "matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'ckptavg\[ray\]'"):
         run_sweep(recipe(eval_run, held_out["txt"], tmp_path / "ray"), executor="ray", progress=False)
     with pytest.raises(MissingDependencyError, match=r"pip install 'ckptavg\[plot\]'"):
