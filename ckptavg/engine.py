@@ -272,8 +272,9 @@ def stream(
 
     def state(info: TensorInfo, i: int) -> RunningAverage:
         acc = np.float64 if accumulate == "float64" or info.dtype.name == "F64" else ACCUMULATORS[accumulate]
-        pool = pools.setdefault(acc, [RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite)
-                                      for _ in range(WRITE_DEPTH + 2)])
+        if acc not in pools:  # not setdefault: its default would allocate WRITE_DEPTH + 2 chunks per tensor
+            pools[acc] = [RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite) for _ in range(WRITE_DEPTH + 2)]
+        pool = pools[acc]
         return pool[i % len(pool)]
 
     def jobs() -> Iterator[Callable[[], np.ndarray]]:

@@ -12,18 +12,31 @@ safetensors/torch file that is not optimizer or trainer state.
 
 Only headers are read here (safetensors JSON headers; for torch files the pickle, with tensor data
 left on disk). Duplicate steps, mixed architectures and empty folders are reported before any
-tensor data is read.
+tensor data is read; so are a FIFO or device where a weight, index or config file is expected
+(never opened: reading one blocks forever), an unparsable ``config.json`` (it would be copied next
+to the average), and empty tensors where a model needs data — DeepSpeed ZeRO-3 writes its
+``*_model_states.pt`` with 0-element placeholders, and averaging those gives a model of nothing.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 from pathlib import Path
 
-from .errors import CheckpointError
-from .io.layout import STANDARD_WEIGHTS, WEIGHT_EXT, format_of, is_weight_file, pick_weights, read_index, read_tensors
+from .errors import CheckpointError, UsageError
+from .io.files import load_json, not_regular
+from .io.layout import (
+    CONFIG_FILES,
+    STANDARD_WEIGHTS,
+    WEIGHT_EXT,
+    format_of,
+    is_weight_file,
+    pick_weights,
+    read_index,
+    read_tensors,
+)
 from .trajectory import Checkpoint, Trajectory, check_compatible
 
 _KNOWN_STEP = re.compile(
@@ -57,8 +70,6 @@ def parse_step(name: str) -> tuple[int | None, bool]:
 
 def _is_dir(p: Path) -> bool:
     """Like Path.is_dir, but a symlink loop or unreadable entry is an error, not 'no'."""
-    import stat
-
     try:
         return stat.S_ISDIR(os.stat(p).st_mode)
     except FileNotFoundError:
@@ -76,14 +87,25 @@ def _listdir(p: Path) -> list[Path]:
         raise CheckpointError(f"{p}: cannot list: {e.strerror or e}") from None
 
 
+def _matters(name: str) -> bool:
+    """A file name ckptavg would open: weights, an index, a config or trainer state."""
+    return name.lower().endswith(WEIGHT_EXT) or name.endswith(".index.json") or name in CONFIG_FILES \
+        or name == "trainer_state.json"
+
+
 def _plain_files(d: Path) -> list[str]:
+    """Names of the regular files in ``d``; a FIFO, socket or device named like a file ckptavg would
+    open is an error (naming it), since opening it could block forever."""
     out = []
     for c in _listdir(d):
         try:
-            if c.is_file():
-                out.append(c.name)
+            mode = os.stat(c).st_mode
         except OSError:
             continue
+        if stat.S_ISREG(mode):
+            out.append(c.name)
+        elif not stat.S_ISDIR(mode) and _matters(c.name):
+            raise not_regular(c, mode)
     return out
 
 
@@ -105,33 +127,91 @@ def _trainer_step(d: Path) -> int | None:
     ts = d / "trainer_state.json"
     if ts.is_file():
         try:
-            step = json.loads(ts.read_text()).get("global_step")
-        except (OSError, ValueError):
+            doc = load_json(ts, "trainer_state.json")
+        except CheckpointError:
             return None
+        step = doc.get("global_step") if isinstance(doc, dict) else None
         return step if isinstance(step, int) else None
     return None
 
 
-def _checkpoint(path: Path, step: int, fmt: str, files: list[Path], index: Path | None, config_dir: Path) -> Checkpoint:
-    tensors = read_tensors(fmt, files, index)
+def _config(d: Path | None) -> dict[str, object] | None:
+    """``config.json`` beside the weights, checked (it is copied next to the average), or None."""
+    p = d / "config.json" if d is not None else None
+    if p is None or not os.path.lexists(p):
+        return None
+    cfg = load_json(p, "config.json", limit=16_000_000)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{p}: not a valid config.json: not a JSON object")
+    return cfg
+
+
+def _checkpoint(
+    path: Path, step: int, fmt: str, files: list[Path], index: Path | None, config_dir: Path, key: str | None
+) -> Checkpoint:
+    if key is not None and fmt == "safetensors":
+        raise UsageError(f"{path}: --key applies to .bin/.pt checkpoints; this one is safetensors, whose tensors "
+                         "are named at the top level")
+    tensors = read_tensors(fmt, files, index, key)
     size = sum(f.stat().st_size for f in files)
-    return Checkpoint(step, str(path), fmt, tuple(files), index, config_dir, tensors, size)
+    ckpt = Checkpoint(step, str(path), fmt, tuple(files), index, config_dir, tensors, size, key=key)
+    _refuse_placeholders(ckpt, _config(config_dir))
+    return ckpt
 
 
-def _single(path: Path, step: int | None) -> Checkpoint | None:
+_PLACEHOLDER = ("this looks like a DeepSpeed ZeRO-3 placeholder (the real weights are partitioned across the optimizer "
+                "state files); consolidate first with the zero_to_fp32.py script DeepSpeed saves beside the checkpoint")
+_MODEL_DIMS = ("hidden_size", "d_model", "n_embd", "dim", "vocab_size")
+
+
+def _where(c: Checkpoint) -> str:
+    return str(c.files[0]) if len(c.files) == 1 else c.location
+
+
+def _refuse_placeholders(c: Checkpoint, config: dict[str, object] | None) -> None:
+    """Empty floating tensors where a model has data: every one of them empty, or a parameter
+    (``*weight``/``*bias``) of a model whose config.json gives it positive dimensions."""
+    empty = [t for t in (c.tensors or {}).values() if 0 in t.shape and t.dtype.floating]
+    if not empty:
+        return
+    if len(empty) == sum(t.dtype.floating for t in (c.tensors or {}).values()):
+        raise CheckpointError(f"{_where(c)}: tensor {empty[0].name!r} has 0 elements, as has every floating tensor "
+                              f"of this checkpoint: {_PLACEHOLDER}")
+    sized = config is not None and any(isinstance(config.get(k), int) and config.get(k) for k in _MODEL_DIMS)
+    param = next((t for t in empty if t.name.endswith(("weight", "bias"))), None)
+    if sized and param is not None:
+        raise CheckpointError(f"{_where(c)}: tensor {param.name!r} has 0 elements but config.json describes a model "
+                              f"with data there: {_PLACEHOLDER}")
+
+
+def _refuse_placeholders_across(ckpts: list[Checkpoint]) -> None:
+    """A tensor empty in one checkpoint that another checkpoint of the run holds data for."""
+    empty = [(c, t) for c in ckpts for t in (c.tensors or {}).values() if 0 in t.shape and t.dtype.floating]
+    for c, t in empty:
+        for o in ckpts:
+            sized = (o.tensors or {}).get(t.name)
+            if sized is not None and 0 not in sized.shape:
+                raise CheckpointError(f"{_where(c)}: tensor {t.name!r} has 0 elements but step {o.step} has shape "
+                                      f"{list(sized.shape)}: {_PLACEHOLDER}")
+
+
+def _single(path: Path, step: int | None, key: str | None = None) -> Checkpoint | None:
     """``path`` as one checkpoint (a weight file or a directory holding weights), or None."""
-    if path.is_file():
+    if not _is_dir(path):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
         if not path.name.lower().endswith(WEIGHT_EXT):
             raise CheckpointError(f"{path}: not a checkpoint file (expected {', '.join(WEIGHT_EXT)})")
         fmt = format_of(path.name)
         s = step if step is not None else parse_step(path.name)[0]
-        return _checkpoint(path, s or 0, fmt, [path], None, path.parent)
+        return _checkpoint(path, s or 0, fmt, [path], None, path.parent, key)
     found = find_weights(path)
     if found is None:
         return None
     fmt, files, index = found
     s = step if step is not None else (parse_step(path.name)[0] if parse_step(path.name)[0] is not None else _trainer_step(path))
-    return _checkpoint(path, s or 0, fmt, files, index, path)
+    return _checkpoint(path, s or 0, fmt, files, index, path, key)
 
 
 def _has_standard_weights(d: Path) -> bool:
@@ -151,19 +231,24 @@ def _looks_like_run(d: Path) -> bool:
     return False
 
 
-def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
+def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | None = None) -> Trajectory:
     """Find the checkpoints of a local run (:func:`ckptavg.discover` also takes ``hf://``).
 
     Args:
         path: a run folder (children ``step1000/``, ``checkpoint-500/``, ``ckpt_3000.pt`` …), a
             single checkpoint directory, or a single weight file.
         check: verify that every checkpoint has the same tensor names, shapes and dtypes.
+        key: ``.bin``/``.pt`` only: where the state dict sits in each file, dotted for nesting
+            (``"model.ema"``); default: a plain state dict, or one under a known key (``model``,
+            ``state_dict``, ``module`` …).
 
     Returns:
         A Trajectory sorted by step.
 
     Raises:
-        CheckpointError: empty or unreadable folder, corrupt headers — naming the file.
+        CheckpointError: empty or unreadable folder, corrupt headers, a FIFO or device where a file
+            is expected, a file whose tensors do not look like a model (the message lists its keys:
+            pass ``key``), DeepSpeed ZeRO-3 placeholders — naming the file.
         IncompatibleError: mixed architectures, naming the step and tensor.
         SelectionError: two checkpoints with the same step.
 
@@ -176,8 +261,8 @@ def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
     if not root.exists():
         raise CheckpointError(f"{root}: no such file or directory")
     name = root.resolve().name or str(root)
-    if root.is_file() or _has_standard_weights(root) or (not _looks_like_run(root) and find_weights(root)):
-        ckpt = _single(root, None)
+    if not _is_dir(root) or _has_standard_weights(root) or (not _looks_like_run(root) and find_weights(root)):
+        ckpt = _single(root, None, key)
         assert ckpt is not None
         return Trajectory(name, (ckpt,), str(root))
     ckpts: list[Checkpoint] = []
@@ -190,14 +275,14 @@ def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
                 step = _trainer_step(child)
             if step is None:
                 continue
-            ckpt = _single(child, step)
+            ckpt = _single(child, step, key)
             if ckpt is None:
                 if known:
                     raise CheckpointError(f"{child}: looks like a checkpoint (step {step}) but holds no weight files")
                 continue
             ckpts.append(ckpt)
         elif step is not None and is_weight_file(child.name):
-            ckpt = _single(child, step)
+            ckpt = _single(child, step, key)
             assert ckpt is not None
             ckpts.append(ckpt)
     if not ckpts:
@@ -205,6 +290,7 @@ def discover(path: str | os.PathLike[str], *, check: bool = True) -> Trajectory:
             f"{root}: no checkpoints found (expected children like step1000/, checkpoint-500/, "
             "ckpt_3000.pt, or weight files in the folder itself)"
         )
+    _refuse_placeholders_across(ckpts)
     traj = Trajectory(name, tuple(ckpts), str(root))
     if check:
         check_compatible(traj)

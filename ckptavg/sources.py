@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 
 from .errors import UsageError
 from .trajectory import HUB_PREFIX, Checkpoint, Trajectory
@@ -21,7 +22,9 @@ def canonical(path: str | os.PathLike[str]) -> str:
     return text if is_hub(text) else os.path.realpath(text)
 
 
-def discover(path: str | os.PathLike[str], *, check: bool = True, step_pattern: str | None = None) -> Trajectory:
+def discover(
+    path: str | os.PathLike[str], *, check: bool = True, step_pattern: str | None = None, key: str | None = None
+) -> Trajectory:
     """Find the checkpoints of a run, reading headers or Hub metadata only.
 
     Args:
@@ -31,6 +34,10 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, step_pattern: 
         check: verify that every local checkpoint has the same tensor names, shapes and dtypes.
         step_pattern: ``hf://`` only: regex whose group is the step in a branch name
             (default ``^step(\\d+)$``; OLMo: ``^step(\\d+)-tokens\\d+B?$``).
+        key: ``.bin``/``.pt`` checkpoints only: where the state dict sits in each file, dotted for
+            nesting (``"model.ema"``); default: a plain state dict or one under ``model``,
+            ``state_dict``, ``module`` … (a file whose tensors do not look like a model is refused,
+            listing its keys).
 
     Returns:
         A Trajectory sorted by step.
@@ -48,12 +55,18 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, step_pattern: 
     if is_hub(path):
         from . import hub
 
-        return hub.discover(str(path), step_pattern=step_pattern or hub.DEFAULT_STEP_PATTERN)
+        traj = hub.discover(str(path), step_pattern=step_pattern or hub.DEFAULT_STEP_PATTERN)
+        if key is None:
+            return traj
+        st = next((c for c in traj if c.format == "safetensors"), None)
+        if st is not None:
+            raise UsageError(f"{st}: --key applies to .bin/.pt checkpoints; this one is safetensors")
+        return replace(traj, checkpoints=tuple(replace(c, key=key) for c in traj))
     if step_pattern is not None:
         raise UsageError(f"{path}: --step-pattern applies to hf:// trajectories only")
     from . import local
 
-    return local.discover(path, check=check)
+    return local.discover(path, check=check, key=key)
 
 
 def materialise(

@@ -61,7 +61,8 @@ class Checkpoint:
     are names → dtype/shape read from headers (None until known, e.g. for a Hub revision not yet
     downloaded); ``config_dir`` is where config and tokenizer files sit next to the weights.
     ``source`` is set for a Hub revision (repo, branch, commit, files with their sha256): its
-    ``files`` stay empty until :func:`ckptavg.sources.materialise` downloads them.
+    ``files`` stay empty until :func:`ckptavg.sources.materialise` downloads them. ``key`` is where
+    the state dict sits in a ``.bin``/``.pt`` file (``--key``; None: found by the usual rule).
     """
 
     step: int
@@ -73,6 +74,7 @@ class Checkpoint:
     tensors: Mapping[str, TensorInfo] | None = field(default=None, compare=False, repr=False)
     size: int = 0  # bytes of weight files
     source: HubSource | None = field(default=None, compare=False, repr=False)
+    key: str | None = None
 
     def __str__(self) -> str:
         return f"step {self.step} ({self.location})"

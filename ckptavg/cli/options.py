@@ -64,8 +64,11 @@ method_options = _group(
 )
 
 # Where the trajectory comes from: flags for hf:// runs (errors recommend them by name).
+KEY_HELP = ("Where the state dict sits in each .bin/.pt, dotted for nesting (e.g. model.ema) "
+            "[default: the top level or model, state_dict, module, …].")
 trajectory_options = _group(
     click.option("--step-pattern", help=STEP_PATTERN_HELP),
+    click.option("--key", help=KEY_HELP),
     click.option("--allow-duplicates", is_flag=True,
                  help="hf:// only: use revisions whose weights are byte-identical to another step's."),
 )
@@ -149,5 +152,5 @@ def deprecated_alias(new: str) -> Callable[[click.Context, click.Parameter, Any]
     return callback
 
 
-__all__ = ["deprecated_alias", "float_list", "friendly_errors", "int_list", "method_from", "method_options",
+__all__ = ["KEY_HELP", "deprecated_alias", "float_list", "friendly_errors", "int_list", "method_from", "method_options",
            "output_options", "selection_from", "write_options", "selection_options", "trajectory_options"]

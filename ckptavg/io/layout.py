@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
+from .files import JSON_LIMIT, parse_json, read_regular
 
 if TYPE_CHECKING:  # numpy stays unimported for discovery of Hub metadata and for `ckptavg --help`
     from .safetensors import TensorInfo
@@ -130,12 +131,9 @@ def _no_duplicate_keys(path: object) -> Callable[[list[tuple[str, Any]]], dict[s
     return hook
 
 
-def parse_index(text: str, where: object) -> dict[str, str]:
+def parse_index(text: str | bytes, where: object) -> dict[str, str]:
     """Validated ``weight_map`` of an index file's text: tensor name → shard file name."""
-    try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys(where))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where}: not a valid index file: {e.__class__.__name__}: {e}") from None
+    doc = parse_json(text, where, "index file", object_pairs_hook=_no_duplicate_keys(where))
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{where}: not a valid index file: no weight_map")
@@ -148,14 +146,9 @@ def parse_index(text: str, where: object) -> dict[str, str]:
 
 
 def read_index(path: Path) -> dict[str, str]:
-    """Validated ``weight_map`` of an HF index file: tensor name → shard file name."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not a valid index file: {e.__class__.__name__}: {e}") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    return parse_index(text, path)
+    """Validated ``weight_map`` of an HF index file: tensor name → shard file name (regular files
+    only, at most :data:`~ckptavg.io.files.JSON_LIMIT` bytes)."""
+    return parse_index(read_regular(Path(path), JSON_LIMIT, "index file"), path)
 
 
 def write_index(path: Path, shards: Iterable[tuple[str, Sequence[TensorInfo]]]) -> None:
@@ -212,18 +205,25 @@ def join_shards(
     return tensors
 
 
-def read_tensors(fmt: str, files: Sequence[Path], index: Path | None = None) -> dict[str, TensorInfo]:
-    """Tensor name → TensorInfo over all shards of a local checkpoint, headers only; checks the index."""
+def read_tensors(
+    fmt: str, files: Sequence[Path], index: Path | None = None, key: str | None = None
+) -> dict[str, TensorInfo]:
+    """Tensor name → TensorInfo over all shards of a local checkpoint, headers only; checks the index.
+    ``key``: torch files only, where the state dict sits (see :func:`ckptavg.io.readers.open_file`)."""
     from .readers import open_file
 
     def headers() -> Iterable[tuple[str, Mapping[str, TensorInfo]]]:
         for f in files:
-            reader = open_file(f, fmt)
+            reader = open_file(f, fmt, key)
             try:
                 yield f.name, reader.tensors
             finally:
                 reader.close()
 
+    if len(files) == 1 and index is None:  # nothing to join: the header's own dict, not two copies of it
+        reader = open_file(files[0], fmt, key)
+        reader.close()  # only the header was read; nothing is open
+        return reader.tensors
     where = str(files[0].parent) if files else "checkpoint"
     return join_shards(headers(), where, read_index(index) if index is not None else None, str(index))
 

@@ -20,13 +20,17 @@ class WeightFile(Protocol):
     def close(self) -> None: ...
 
 
-def open_file(path: Path, fmt: str) -> WeightFile:
-    """A reader for one weight file of format ``safetensors`` or ``torch``."""
+def open_file(path: Path, fmt: str, key: str | None = None) -> WeightFile:
+    """A reader for one weight file of format ``safetensors`` or ``torch``.
+
+    ``key``: torch files only, where the state dict sits (dotted, e.g. ``model.ema``; see
+    :func:`ckptavg.io.torchfile.find_state_dict`).
+    """
     if fmt == "safetensors":
         return SafetensorsFile(path)
     from .torchfile import TorchFile
 
-    return TorchFile(path)
+    return TorchFile(path, key)
 
 
 class CheckpointReader:
@@ -36,30 +40,34 @@ class CheckpointReader:
         files: the weight files, in shard order.
         fmt: ``safetensors`` or ``torch``.
         label: how messages name this checkpoint, e.g. ``step 5000 (runs/x/step5000)``.
+        key: torch files only: where the state dict sits (``--key``), e.g. ``model.ema``.
+
+    Files are opened when read and may be closed between reads, so any number of readers can be
+    open at once (see :class:`~ckptavg.io.files.LazyFd`).
     """
 
-    def __init__(self, files: Sequence[Path], fmt: str, label: str = "") -> None:
+    def __init__(self, files: Sequence[Path], fmt: str, label: str = "", *, key: str | None = None) -> None:
         self.label = label or (str(files[0]) if files else "checkpoint")
         self._files: list[WeightFile] = []
-        self._where: dict[str, tuple[WeightFile, TensorInfo]] = {}
         try:
             for f in files:
-                wf = open_file(Path(f), fmt)
-                self._files.append(wf)
-                for name, info in wf.tensors.items():
-                    self._where[name] = (wf, info)
+                self._files.append(open_file(Path(f), fmt, key))
         except BaseException:
             self.close()
             raise
-
-    @property
-    def tensors(self) -> dict[str, TensorInfo]:
-        return {n: info for n, (_, info) in self._where.items()}
+        # One file (most checkpoints): its own dict, not a copy — a million-tensor header is ~100 MB a dict.
+        self._only = self._files[0] if len(self._files) == 1 else None
+        self.tensors: dict[str, TensorInfo] = self._only.tensors if self._only is not None else {}
+        self._owner: dict[str, WeightFile] = {}  # tensor → its shard, for several files
+        for wf in self._files if self._only is None else ():
+            self.tensors.update(wf.tensors)
+            self._owner.update(dict.fromkeys(wf.tensors, wf))
 
     def read(self, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
         """Elements [start, start+count) of flattened tensor ``name``, as raw storage values."""
         try:
-            wf, info = self._where[name]
+            info = self.tensors[name]
+            wf = self._only or self._owner[name]
         except KeyError:
             raise CheckpointError(f"{self.label}: no tensor {name!r}") from None
         return wf.read(info, start, count)

@@ -5,12 +5,22 @@ package. Zip-format files (everything ``torch.save`` wrote since 1.6) are opened
 to learn names, dtypes and shapes without touching tensor data; each tensor's bytes are then
 located in the archive (a stored, uncompressed zip member) and the mapping is dropped. Chunks are
 read with ``pread`` like safetensors, so a merge of k ``.bin`` files holds a few chunks, not k
-mapped models, in its resident set. Tensors that are not a contiguous run of bytes (views into a
-larger storage) and legacy pre-zip files fall back to torch's own loading.
+mapped models, in its resident set — and a file truncated by another process while it is read
+gives a one-line error, not the SIGBUS a mapping would (views into a larger storage are read with
+``pread`` too and strided in numpy). Legacy pre-zip files are loaded into memory by torch.
+
+Which part of the pickle is the model (:func:`find_state_dict`): a plain dict of tensors; else the
+first of :data:`STATE_DICT_KEYS` that holds one; else top-level tensors, but only several of them
+and only when no nested container holds more bytes — otherwise ``{"weights": {…}, "rng_state": t}``
+would be averaged as a one-tensor model. Anything else is refused with the top-level keys listed,
+and ``key="model.ema"`` (``--key``) says where the state dict is. Meta, sparse and quantized
+tensors are refused by name, and so are DeepSpeed ZeRO-3 placeholders (empty tensors whose real
+shape the file's ``param_shapes`` gives).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -24,11 +34,13 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .dtypes import from_torch
+from .files import LazyFd, open_regular
 from .safetensors import TensorInfo, pread_into
 
 # Where training code nests the state dict: nanoGPT/LAWA {'model': sd}, Lightning {'state_dict': sd},
 # DeepSpeed {'module': sd}.
 STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state_dict", "ema")
+TOP_LEVEL = (".", "")  # key= for "the top level of the file is the state dict"
 
 
 def _first_line(e: BaseException) -> str:
@@ -71,28 +83,167 @@ def _load(path: Path, mmap: bool) -> Any:
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {_first_line(e)}") from None
 
 
-def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
+def _tensors(obj: Any) -> Any:
+    """Every tensor inside ``obj`` (dicts, lists, tuples, any depth), each object once."""
     import torch
 
-    def is_sd(o: Any) -> bool:
-        return isinstance(o, Mapping) and len(o) > 0 and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in o.items()
-        )
+    seen, stack = set(), [obj]
+    while stack:  # iterative: a pickle may nest deeper than Python's recursion limit
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            yield o
+        elif isinstance(o, Mapping):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
 
-    if is_sd(obj):
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of all tensors inside ``obj``."""
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _what(v: Any) -> str:
+    """``tensor float32[4, 4]``, ``dict of 12 entries, 4.1 KB of tensors``, ``int`` … for messages."""
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return f"tensor {str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+    if isinstance(v, (Mapping, list, tuple)):
+        kind = "dict" if isinstance(v, Mapping) else type(v).__name__
+        n = _nbytes(v)
+        return f"{kind} of {len(v)} entries, {_human(n)} of tensors" if n else f"{kind} of {len(v)} entries, no tensors"
+    return type(v).__name__
+
+
+def _listing(node: Mapping[Any, Any], most: int = 8) -> str:
+    items = [f"{k if isinstance(k, str) else repr(k)} ({_what(v)})" for k, v in list(node.items())[:most]]
+    more = f", … {len(node) - most} more" if len(node) > most else ""
+    return ", ".join(items) + more if items else "none"
+
+
+def _model_tensors(node: Any) -> dict[str, Any] | None:
+    """The tensors of ``node`` when they look like a model's state dict, else None.
+
+    A dict of tensors only (even one) is a state dict. Tensors beside other entries are one when
+    there are several of them and no nested container holds more bytes than they do: the rng
+    state beside a dict of weights is not a one-tensor model.
+    """
+    import torch
+
+    if not isinstance(node, Mapping):
+        return None
+    tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors or len(tensors) == len(node):
+        return tensors or None
+    nested = max((_nbytes(v) for v in node.values() if isinstance(v, (Mapping, list, tuple))), default=0)
+    if len(tensors) >= 2 and sum(t.numel() * t.element_size() for t in tensors.values()) >= nested:
+        return tensors
+    return None
+
+
+def _at_key(obj: Any, key: str, path: Path) -> Any:
+    """The object at dotted ``key`` (a key that itself holds dots is matched whole first)."""
+    if key in TOP_LEVEL:
         return obj
+    parts, i, node, walked = key.split("."), 0, obj, "the top level"
+    while i < len(parts):
+        if not isinstance(node, Mapping):
+            raise CheckpointError(f"{path}: --key {key}: {walked} is {_what(node)}, not a dict")
+        for j in range(len(parts), i, -1):
+            name = ".".join(parts[i:j])
+            if name in node:
+                node, walked, i = node[name], ".".join(parts[:j]), j
+                break
+        else:
+            raise CheckpointError(f"{path}: --key {key}: no key {parts[i]!r} in {walked}, whose keys are: "
+                                  f"{_listing(node)}")
+    return node
+
+
+def find_state_dict(obj: Any, path: Path, key: str | None = None) -> dict[str, Any]:
+    """The model's tensors in a loaded checkpoint (see the module docstring for the rule).
+
+    Raises:
+        CheckpointError: no part looks like a model, or ``key`` does not lead to one: one line
+            listing the keys there, with what each holds.
+    """
+    if key is not None:
+        node = _at_key(obj, key, path)
+        found = _model_tensors(node)
+        if found is None:
+            where = "the top level" if key in TOP_LEVEL else f"--key {key}"
+            holds = f"keys: {_listing(node)}" if isinstance(node, Mapping) else _what(node)
+            raise CheckpointError(f"{path}: {where} holds no model state dict ({holds})")
+        return found
+    found = _model_tensors(obj)
+    if found is not None and len(found) == len(obj):
+        return found
     if isinstance(obj, Mapping):
-        for key in STATE_DICT_KEYS:
-            if key in obj and is_sd(obj[key]):
-                return obj[key]
-        # A state dict with a few non-tensor entries (e.g. '_extra_state'): keep the tensors.
-        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
+        for k in STATE_DICT_KEYS:
+            inner = _model_tensors(obj.get(k))
+            if inner is not None:
+                return inner
+    if found is not None:
+        return found
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: no state dict found: the file holds {_what(obj)}, not a dict of tensors")
     raise CheckpointError(
-        f"{path}: no state dict found (expected a dict of tensors, or one under one of the keys "
-        f"{', '.join(STATE_DICT_KEYS)})"
+        f"{path}: no state dict found (none under {', '.join(STATE_DICT_KEYS)}); top-level keys: {_listing(obj)}; "
+        "pass --key NAME (dotted for nesting, e.g. --key model.ema) to say which holds the model"
     )
+
+
+def _check_tensor(name: str, t: Any, path: Path) -> None:
+    """Refuse what has no dense bytes to average: meta, sparse and quantized tensors."""
+    import torch
+
+    if t.device.type == "meta":
+        raise CheckpointError(f"{path}: tensor {name!r} is on device meta (saved without data, e.g. before the "
+                              "weights were loaded); save the materialised model")
+    if t.layout != torch.strided:
+        raise CheckpointError(f"{path}: tensor {name!r} has layout {t.layout}; ckptavg averages dense tensors only "
+                              "(save it with .to_dense())")
+    if t.is_quantized:
+        raise CheckpointError(f"{path}: tensor {name!r} is quantized ({str(t.dtype).removeprefix('torch.')}); "
+                              "ckptavg averages unquantized tensors only (save it with .dequantize())")
+
+
+def _param_shapes(obj: Any) -> dict[str, tuple[int, ...]]:
+    """DeepSpeed's record of every parameter's real shape (``param_shapes``: one dict per param group)."""
+    if not isinstance(obj, Mapping):
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    for field in ("param_shapes", "frozen_param_shapes"):
+        groups = obj.get(field)
+        for g in groups if isinstance(groups, (list, tuple)) else [groups]:
+            if isinstance(g, Mapping):
+                out.update({k: tuple(v) for k, v in g.items() if isinstance(k, str) and isinstance(v, (tuple, list))})
+    return out
+
+
+def _check_placeholders(obj: Any, sd: Mapping[str, Any], path: Path) -> None:
+    shapes = _param_shapes(obj)
+    for name, t in sd.items():
+        want = shapes.get(name)
+        if t.numel() == 0 and want and all(isinstance(d, int) for d in want) and math.prod(want) > 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is empty but the file's param_shapes give {list(want)}: this looks like a "
+                "DeepSpeed ZeRO-3 placeholder (the weights are partitioned across the optimizer state files); "
+                "consolidate first with the zero_to_fp32.py script DeepSpeed saves beside the checkpoint"
+            )
 
 
 def _member_offsets(path: Path) -> dict[int, int]:
@@ -112,55 +263,86 @@ def _member_offsets(path: Path) -> dict[int, int]:
     return out
 
 
-def _locate(sd: Mapping[str, Any], members: dict[int, int]) -> dict[str, int]:
-    """Tensor name → absolute file offset of its first byte, for contiguous tensors.
+def _locate(obj: Any, members: dict[int, int]) -> int | None:
+    """The address that file offset 0 has in the mapping torch loaded ``obj`` from, or None.
 
-    With ``mmap=True`` every storage is a slice of one mapping of the whole file, so
-    ``storage.data_ptr() - base`` is the storage's record offset; ``base`` is the one shift
-    that maps every storage onto a record of the right size.
+    With ``mmap=True`` every storage is a slice of one mapping of the whole file, so a storage's
+    ``data_ptr() - base`` is its record's offset. Every record belongs to exactly one storage of the
+    whole pickle, so when the non-empty storages of *everything* in it (not only the state dict:
+    an EMA copy or Adam moments can have exactly the model's sizes, and a shift that maps the
+    model onto them would fit) pair up with the non-empty records, the lowest address belongs to
+    the lowest record. Anything that cannot be accounted for gives None (load into memory instead).
     """
-    storages = {}
-    for t in sd.values():
+    import torch
+
+    storages: dict[int, int] = {}
+    for t in _tensors(obj):
+        if t.layout != torch.strided or t.device.type == "meta":
+            return None
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-    if not storages or not members:
-        return {}
-    lo = min(storages)
-    base = None
-    for off in members:
-        cand = lo - off
-        if all(members.get(p - cand) == n for p, n in storages.items()):
-            base = cand
-            break
-    if base is None:
-        return {}
-    where = {}
-    for name, t in sd.items():
-        if t.is_contiguous() and t.numel() > 0:
-            where[name] = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
-    return where
+        if s.nbytes():  # an empty storage has no record bytes (and may have no address)
+            storages[s.data_ptr()] = s.nbytes()
+    records = {off: n for off, n in members.items() if n}
+    if len(storages) != len(records):
+        return None
+    if not storages:
+        return 0
+    base = min(storages) - min(records)
+    return base if all(records.get(p - base) == n for p, n in storages.items()) else None
 
 
 class TorchFile:
-    """One torch checkpoint file: metadata from the pickle, chunks read with ``pread``."""
+    """One torch checkpoint file: metadata from the pickle, chunks read with ``pread``.
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        path: the ``.bin``/``.pt`` file.
+        key: where the state dict sits (dotted, e.g. ``model.ema``; ``"."`` for the top level);
+            default: found as :func:`find_state_dict` says.
+    """
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
         self.path = Path(path)
+        os.close(open_regular(self.path))  # a FIFO named pytorch_model.bin is refused, not waited on
         self.zipped = zipfile.is_zipfile(self.path)
-        sd = _find_state_dict(_load(self.path, mmap=self.zipped), self.path)
+        obj = _load(self.path, mmap=self.zipped)
+        sd = find_state_dict(obj, self.path, key)
         self.tensors: dict[str, TensorInfo] = {}
         for name, t in sd.items():
+            _check_tensor(name, t, self.path)
             try:
                 dtype = from_torch(t.dtype)
             except ValueError:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {t.dtype}") from None
             self.tensors[name] = TensorInfo(name, dtype, tuple(t.shape))
-        self._where = _locate(sd, _member_offsets(self.path)) if self.zipped else {}
-        # Keep torch's objects only for what pread cannot serve (legacy files, strided views).
-        self._sd: Mapping[str, Any] | None = (
-            {n: t for n, t in sd.items() if n not in self._where} if len(self._where) < len(sd) else None
-        )
-        self._fd: int | None = None
+        _check_placeholders(obj, sd, self.path)
+        # Tensor name → (file offset of its first element, strides in elements, or None if contiguous)
+        self._where: dict[str, tuple[int, tuple[int, ...] | None]] = {}
+        base = _locate(obj, _member_offsets(self.path)) if self.zipped else None
+        if base is not None:
+            for name, t in sd.items():
+                if t.numel() > 0:
+                    pos = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+                    self._where[name] = (pos, None if t.is_contiguous() else tuple(t.stride()))
+            self._sd: Mapping[str, Any] | None = None
+        else:  # legacy format (or records not found): torch's own copy in memory, never a mapping
+            self._sd = sd if not self.zipped else find_state_dict(_load(self.path, mmap=False), self.path, key)
+        del obj, sd
+        self._file = LazyFd(self.path)
+        self._dense: tuple[str, np.ndarray] | None = None  # the last strided tensor, gathered
+
+    def _strided(self, info: TensorInfo, pos: int, strides: tuple[int, ...]) -> np.ndarray:
+        """A view's elements in row-major order: its storage span read with pread, strided in numpy."""
+        dense = self._dense  # one local reference: the reader thread and the caller may both be here
+        if dense is None or dense[0] != info.name:
+            self._dense = None
+            span = sum((n - 1) * s for n, s in zip(info.shape, strides)) + 1
+            raw = np.empty(span, info.dtype.storage)
+            with self._file.use() as fd:
+                pread_into(fd, raw, pos, self.path, info.name)
+            size = info.dtype.itemsize
+            view = np.lib.stride_tricks.as_strided(raw, info.shape, tuple(s * size for s in strides), writeable=False)
+            dense = self._dense = (info.name, np.ascontiguousarray(view).reshape(-1))
+        return dense[1]
 
     def read(self, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
         if count is None:
@@ -168,15 +350,22 @@ class TorchFile:
         out = np.empty(count, info.dtype.storage)
         if count == 0:
             return out
-        pos = self._where.get(info.name)
-        if pos is not None:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            pread_into(self._fd, out, pos + start * info.dtype.itemsize, self.path, info.name)
+        where = self._where.get(info.name)
+        if where is not None:
+            pos, strides = where
+            if strides is None:
+                fd = self._file.acquire()
+                try:
+                    pread_into(fd, out, pos + start * info.dtype.itemsize, self.path, info.name)
+                finally:
+                    self._file.done()
+            else:
+                out[...] = self._strided(info, pos, strides)[start : start + count]
             return out
         import torch
 
-        assert self._sd is not None
+        if self._sd is None:
+            raise CheckpointError(f"{self.path}: tensor {info.name!r} cannot be read after close")
         t = self._sd[info.name].reshape(-1)[start : start + count]
         if info.dtype.name == "BF16":
             t = t.view(torch.int16)
@@ -187,6 +376,5 @@ class TorchFile:
 
     def close(self) -> None:
         self._sd = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._dense = None
+        self._file.close()
