@@ -26,6 +26,7 @@ from .errors import (
     NonFiniteError,
     OutputError,
     OutputExistsError,
+    OutputLockedError,
     SelectionError,
     UsageError,
 )
@@ -54,8 +55,8 @@ _LAZY = {
 
 __all__ = [
     "CheckpointError", "Checkpoint", "CkptavgError", "DuplicateError", "HubError", "IncompatibleError",
-    "MethodError", "MissingDependencyError", "NonFiniteError", "OutputError", "OutputExistsError", "Selection",
-    "SelectionError", "StateDict", "Trajectory", "UsageError", "__version__", "average", "discover", "iter_series",
+    "MethodError", "MissingDependencyError", "NonFiniteError", "OutputError", "OutputExistsError", "OutputLockedError",
+    "Selection", "SelectionError", "StateDict", "Trajectory", "UsageError", "__version__", "average", "discover", "iter_series",
     "load_model", "run_sweep", "score",
 ]
 

@@ -14,22 +14,20 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 from . import manifest as _manifest
 from . import methods, sources
 from .engine import ACCUMULATORS, stream
 from .errors import SelectionError, UsageError
 from .io.dtypes import DType, parse_dtype
+from .io.files import load_json
 from .io.layout import CONFIG_FILES, read_tensors
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo, parse_size
-from .io.sinks import SafetensorsDirSink, StateDictSink, atomic_directory, check_output
+from .io.sinks import SafetensorsDirSink, Sink, StateDictSink, atomic_directory, check_inputs, check_output
 from .selection import Selection
-from .trajectory import Checkpoint, Trajectory, check_compatible
-
-if TYPE_CHECKING:
-    pass
+from .trajectory import HUB_PREFIX, Checkpoint, Trajectory, check_compatible
 
 
 def ensure_tensors(ckpts: Sequence[Checkpoint]) -> list[Checkpoint]:
@@ -37,7 +35,7 @@ def ensure_tensors(ckpts: Sequence[Checkpoint]) -> list[Checkpoint]:
     out = []
     for c in ckpts:
         if c.tensors is None:
-            c = replace(c, tensors=read_tensors(c.format, list(c.files), c.index))
+            c = replace(c, tensors=read_tensors(c.format, list(c.files), c.index, c.key))
         out.append(c)
     return out
 
@@ -54,7 +52,7 @@ def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]
     if dtype is not None and "config.json" in copied:
         # The config's dtype tells from_pretrained(dtype="auto") what the weights are.
         cfg_path = dst / "config.json"
-        cfg = json.loads(cfg_path.read_text())
+        cfg = load_json(cfg_path, "config.json")
         keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]  # 4.x and 5.x both read torch_dtype
         for key in keys:
             cfg[key] = dtype.torch_name
@@ -65,15 +63,28 @@ def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]
 def finish_directory(
     tmp: Path, ckpts: Sequence[Checkpoint], weights: Sequence[float], method: str, params: dict[str, Any],
     out_dtype: DType | None, accumulate: str, root: str, hashes: dict[Path, str] | None = None,
+    *, fingerprints: Sequence[dict[str, Any]] | None = None, max_shard_size: int | None = None,
 ) -> None:
-    """Config/tokenizer files of the newest input and ``ckptavg.json`` next to the weights."""
+    """Config/tokenizer files of the newest input and ``ckptavg.json`` next to the weights: what was
+    averaged, how the folder was written, and each input's fingerprint (what a re-run compares)."""
     _copy_configs(ckpts[-1].config_dir, tmp, out_dtype)
     files = sorted([p.name for p in tmp.iterdir()] + [_manifest.MANIFEST_NAME])
     _manifest.write(tmp, _manifest.build(
         ckpts, weights, method, params,
         dtype=out_dtype.torch_name if out_dtype else "same as inputs",
         accumulate=accumulate, trajectory=root, hashes=hashes, files=files,
+        fingerprints=fingerprints, max_shard_size=max_shard_size,
     ))
+
+
+def input_paths(ckpts: Sequence[Checkpoint], root: str = "") -> list[Path]:
+    """Every local path an output must keep clear of: the run folder, each checkpoint, its files."""
+    paths = [Path(root)] if root and not root.startswith(HUB_PREFIX) else []
+    for c in ckpts:
+        if not c.location.startswith(HUB_PREFIX):
+            paths.append(Path(c.location))
+        paths += [Path(f) for f in c.files]
+    return paths
 
 
 class StateDict(dict[str, Any]):
@@ -170,16 +181,52 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         shard_bytes = parse_size(max_shard_size) if max_shard_size else None
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if out is not None:
-        check_output(Path(out), force, [Path(c.location) for c in ckpts] + ([Path(root)] if root else []))
+    dt = out_dtype.torch_name if out_dtype else "same as inputs"
+    stream_kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, progress=progress)
+    if out is None:
+        ckpts, plan, entries = _ready(ckpts, allow_duplicates, progress, out_dtype)
+        hashes = {f: _manifest.sha256_file(f) for c in ckpts for f in c.files} if hash_inputs else None
+        prints = [_manifest.fingerprint(c) for c in ckpts]
+        sd_sink = StateDictSink(entries)
+        _stream(ckpts, w, plan, entries, sd_sink, **stream_kw)
+        state = StateDict(sd_sink.state_dict())
+        state.manifest = _manifest.build(ckpts, w, method, params, dtype=dt, accumulate=accumulate, trajectory=root,
+                                         hashes=hashes, fingerprints=prints)
+        return state
+    paths = input_paths(ckpts, root)
+    check_output(Path(out), force, paths)  # before the lock: a plain refusal needs no lock file
+    # Locked from here to the rename: a second run writing the same folder is refused, not raced.
+    with atomic_directory(Path(out), force=force, fsync=fsync, inputs=paths) as tmp:
+        ckpts, plan, entries = _ready(ckpts, allow_duplicates, progress, out_dtype)
+        check_inputs(Path(out), input_paths(ckpts, root))  # again: downloads add files (the HF cache)
+        hashes = {f: _manifest.sha256_file(f) for c in ckpts for f in c.files} if hash_inputs else None
+        prints = [_manifest.fingerprint(c) for c in ckpts]  # before reading: a later change shows
+        dir_sink = SafetensorsDirSink(tmp, entries, shard_bytes, label=Path(os.path.abspath(out)))
+        try:
+            _stream(ckpts, w, plan, entries, dir_sink, **stream_kw)
+        except BaseException:
+            dir_sink.abort()
+            raise
+        dir_sink.close()
+        finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, root, hashes,
+                         fingerprints=prints, max_shard_size=shard_bytes)
+    return Path(os.path.abspath(out))
+
+
+def _ready(ckpts: list[Checkpoint], allow_duplicates: bool, progress: bool,
+           out_dtype: DType | None) -> tuple[list[Checkpoint], list[TensorInfo], list[TensorInfo]]:
+    """Local files, headers read and checked → (checkpoints, the newest's tensors, output entries)."""
     ckpts = ensure_tensors(sources.materialise(ckpts, allow_duplicates=allow_duplicates, progress=progress))
     check_compatible(ckpts)
-    newest = ckpts[-1]
-    assert newest.tensors is not None
-    plan = list(newest.tensors.values())
-    out_dtypes = {t.name: (out_dtype if out_dtype and t.dtype.floating else t.dtype) for t in plan}
-    entries = [TensorInfo(t.name, out_dtypes[t.name], t.shape) for t in plan]
-    hashes = {f: _manifest.sha256_file(f) for c in ckpts for f in c.files} if hash_inputs else None
+    assert ckpts[-1].tensors is not None
+    plan = list(ckpts[-1].tensors.values())
+    entries = [TensorInfo(t.name, out_dtype if out_dtype and t.dtype.floating else t.dtype, t.shape) for t in plan]
+    return ckpts, plan, entries
+
+
+def _stream(ckpts: Sequence[Checkpoint], w: Sequence[float], plan: list[TensorInfo], entries: list[TensorInfo],
+            sink: Sink, *, accumulate: str, allow_nonfinite: bool, progress: bool) -> None:
+    out_dtypes = {e.name: e.dtype for e in entries}
     active = sum(x != 0.0 for x in w)
     total = sum(t.nbytes * (active if t.dtype.floating else 1) for t in plan)
     from tqdm import tqdm
@@ -187,27 +234,12 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     readers: list[CheckpointReader] = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="averaging", disable=not progress, leave=False) as bar:
         try:
-            readers = [CheckpointReader(c.files, c.format, str(c)) for c in ckpts]
-            kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, on_bytes=bar.update)
-            if out is None:
-                sd_sink = StateDictSink(entries)
-                stream(readers, w, plan, out_dtypes, sd_sink, **kw)
-                state = StateDict(sd_sink.state_dict())
-                state.manifest = _manifest.build(
-                    ckpts, w, method, params, dtype=out_dtype.torch_name if out_dtype else "same as inputs",
-                    accumulate=accumulate, trajectory=root, hashes=hashes)
-                return state
-            with atomic_directory(Path(out), force=force, fsync=fsync) as tmp:
-                dir_sink = SafetensorsDirSink(tmp, entries, shard_bytes)
-                try:
-                    stream(readers, w, plan, out_dtypes, dir_sink, **kw)
-                finally:
-                    dir_sink.close()
-                finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, root, hashes)
-            return Path(os.path.abspath(out))
+            readers = [CheckpointReader(c.files, c.format, str(c), key=c.key) for c in ckpts]
+            stream(readers, w, plan, out_dtypes, sink, accumulate=accumulate, allow_nonfinite=allow_nonfinite,
+                   on_bytes=bar.update)
         finally:
             for r in readers:
                 r.close()
 
 
-__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory"]
+__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory", "input_paths"]

@@ -56,11 +56,16 @@ class OutputExistsError(OutputError):
     """The output exists and holds something; ``force`` replaces it."""
 
 
+class OutputLockedError(OutputError):
+    """Another ckptavg run is writing the same output (its lock file names the host and pid)."""
+
+
 class MissingDependencyError(CkptavgError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
 __all__ = [
     "CheckpointError", "CkptavgError", "DuplicateError", "HubError", "IncompatibleError", "MethodError",
-    "MissingDependencyError", "NonFiniteError", "OutputError", "OutputExistsError", "SelectionError", "UsageError",
+    "MissingDependencyError", "NonFiniteError", "OutputError", "OutputExistsError",
+    "OutputLockedError", "SelectionError", "UsageError",
 ]

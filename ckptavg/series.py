@@ -17,26 +17,26 @@ model-sized fp32 :class:`~ckptavg.engine.RunningAverage` (see its docstring for 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import manifest as _manifest
 from . import methods, sources
-from .averaging import ensure_tensors, finish_directory
+from .averaging import ensure_tensors, finish_directory, input_paths
 from .engine import CHUNK_ELEMS, RunningAverage, Target, narrows, stream_series
-from .errors import MethodError, OutputError, SelectionError, UsageError
+from .errors import MethodError, OutputError, OutputExistsError, SelectionError, UsageError
 from .io.dtypes import DType, parse_dtype, to_torch
 from .io.layout import is_complete_output
+from .io.lock import output_lock
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo, parse_size
-from .io.sinks import SafetensorsDirSink, begin_directory, commit_directory
-from .manifest import MANIFEST_NAME
+from .io.sinks import SafetensorsDirSink, begin_directory, check_inputs, commit_directory, public_error, remove_entry
 from .selection import Selection, with_legacy
 from .trajectory import Checkpoint, Trajectory, check_compatible
 
@@ -133,21 +133,47 @@ def _params(method: str, window: int | None, decay: float | None, half_life: flo
     return {"window": window} if method == "uniform" else {"decay": decay, "half_life": half_life}
 
 
-def _is_complete(out: Path, target: Target, traj: Trajectory, method: str, params: dict[str, Any]) -> bool:
-    """An output from an earlier run with the same inputs (steps and locations), weights and
-    method, whose weight files all parse and agree with its index."""
-    try:
-        man = json.loads((out / MANIFEST_NAME).read_text())
-        m = {k: v for k, v in man["method"].items() if k != "name"}
-        if man["method"]["name"] != method or m != {k: v for k, v in params.items() if v is not None}:
+@dataclass(frozen=True)
+class _Recipe:
+    """What makes a series output: it is kept by a re-run only if its ``ckptavg.json`` says the same."""
+
+    method: str
+    params: dict[str, Any]
+    dtype: str  # as ckptavg.json writes it
+    max_shard_size: int | None
+    fingerprint: Callable[[int], dict[str, Any]]  # input index → manifest.fingerprint, cached
+
+    def made(self, out: Path, target: Target, traj: Trajectory) -> bool:
+        """``out`` was written by these arguments from these inputs (steps, locations, weights, and
+        bytes by fingerprint), and its weight files all parse and agree with its index."""
+        if out.is_symlink():
             return False
-        if [(i["step"], i["location"]) for i in man["inputs"]] != [(traj[j].step, traj[j].location) for j in target.inputs]:
+        try:
+            man = _manifest.read(out)
+            ins = man["inputs"]
+            if (man.get("tool") != "ckptavg" or man["method"] != {"name": self.method, **self.params}
+                    or man["dtype"] != self.dtype or man["accumulate"] != "float64"
+                    or man.get("max_shard_size") != self.max_shard_size):
+                return False
+            if [(i["step"], i["location"]) for i in ins] != [(traj[j].step, traj[j].location) for j in target.inputs]:
+                return False
+            if not np.allclose([i["weight"] for i in ins], target.weights, rtol=1e-12, atol=0):
+                return False
+            if [i.get("fingerprint") for i in ins] != [self.fingerprint(j) for j in target.inputs]:
+                return False
+            return is_complete_output(out, man["files"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
-        if not np.allclose([i["weight"] for i in man["inputs"]], target.weights, rtol=1e-12, atol=0):
-            return False
-        return is_complete_output(out, man["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+
+    def state(self, out: Path, target: Target, traj: Trajectory) -> str:
+        """``new`` (nothing there), ``keep`` (made by this recipe), ``redo`` (ckptavg's own output of
+        other arguments or inputs, or an empty folder) or ``foreign`` (anything else: never ours to delete)."""
+        if not os.path.lexists(out):
+            return "new"
+        if self.made(out, target, traj):
+            return "keep"
+        empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+        return "redo" if empty or _manifest.owns(out) else "foreign"
 
 
 def _prepare(traj: Trajectory, indices: Sequence[int], progress: bool, allow_duplicates: bool) -> dict[int, Checkpoint]:
@@ -185,6 +211,7 @@ def series(
     max_shard_size: int | str | None = None,
     allow_nonfinite: bool = False,
     allow_duplicates: bool = False,
+    force: bool = False,
     fsync: bool = True,
     progress: bool = True,
     **legacy: Any,
@@ -194,7 +221,11 @@ def series(
     Args:
         trajectory: the run, from :func:`ckptavg.discover`.
         out: folder for the outputs; each ``step{S}/`` is HF-loadable with its own ``ckptavg.json``
-            and appears atomically. Re-running skips targets whose output is complete and valid.
+            and appears atomically, locked while it is written. Re-running keeps an output only if
+            it is complete and was made by the same arguments from the same input bytes
+            (fingerprints in ``ckptavg.json``); ckptavg's own other outputs are redone.
+        force: also replace ``step{S}`` entries ckptavg did not write (a link is replaced, never
+            followed); inputs are never replaced.
         selection: the targets, and ``window`` = k for uniform (LAWA); see :func:`plan`.
         method, decay, half_life, partial, non_overlapping: how each target is averaged; see :func:`plan`.
         dtype, max_shard_size, allow_nonfinite, allow_duplicates, fsync, progress: as for :func:`ckptavg.average`.
@@ -203,6 +234,12 @@ def series(
         One SeriesOutput per target, in step order; ``written`` is False for targets kept from an
         earlier run.
 
+    Raises:
+        OutputExistsError: a ``step{S}`` entry that ckptavg did not write, without ``force``.
+        OutputLockedError: another run is writing one of the outputs.
+        OutputError: ``out`` is inside an input or contains one; a write failed (disk full: one
+            line naming the file, nothing left in place).
+
     Example:
         >>> series(discover("runs/tiny"), "tiny-lawa5", Selection(window=5))   # doctest: +SKIP
     """
@@ -210,64 +247,85 @@ def series(
     sel = with_legacy(selection, "series", **legacy)
     targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, partial=partial,
                    non_overlapping=non_overlapping)
-    params = _params(method, sel.window, decay, half_life)
+    params = {k: v for k, v in _params(method, sel.window, decay, half_life).items() if v is not None}
     out_dtype = _out_dtype(dtype)
     try:
         shard_bytes = parse_size(max_shard_size) if max_shard_size else None
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = Path(os.path.abspath(out))
-    for src in [Path(c.location) for c in traj] + ([Path(traj.root)] if traj.root else []):
-        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise OutputError(f"{out}: output would be written inside the input {src}; choose another -o")
+    check_inputs(out, input_paths(list(traj), str(traj.root)), replaces=False)  # both ways, links resolved
+    recipe = _Recipe(method, params, out_dtype.torch_name if out_dtype else "same as inputs", shard_bytes,
+                     functools.cache(lambda j: _manifest.fingerprint(traj[j])))
     dirs = {t.step: out / f"step{t.step}" for t in targets}
-    pending = [t for t in targets if not _is_complete(dirs[t.step], t, traj, method, params)]
-    done = {t.step for t in targets} - {t.step for t in pending}
-    result = [SeriesOutput(t.step, dirs[t.step], t.step not in done) for t in targets]
-    if not pending:
-        return result
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create output: {e.strerror or e}") from None
+    with ExitStack() as held:
+        for t in targets:  # in step order, all or none: two runs on one folder cannot deadlock
+            held.enter_context(output_lock(dirs[t.step]))
+        states = {t.step: recipe.state(dirs[t.step], t, traj) for t in targets}
+        foreign = [s for s, v in states.items() if v == "foreign"]
+        if foreign and not force:
+            more = f" (and {len(foreign) - 1} more step folders)" if len(foreign) > 1 else ""
+            raise OutputExistsError(f"{dirs[foreign[0]]}: exists and was not written by ckptavg{more}; "
+                                    "use --force to replace it, or another -o")
+        pending = [t for t in targets if states[t.step] != "keep"]
+        if pending:
+            _write(traj, out, pending, dirs, recipe, out_dtype, allow_nonfinite, allow_duplicates, fsync, progress)
+    return [SeriesOutput(t.step, dirs[t.step], states[t.step] != "keep") for t in targets]
+
+
+def _write(traj: Trajectory, out: Path, pending: list[Target], dirs: dict[int, Path], recipe: _Recipe,
+           out_dtype: DType | None, allow_nonfinite: bool, allow_duplicates: bool, fsync: bool, progress: bool) -> None:
+    """Write the pending targets, each in its temporary, committed (replacing what was there) once whole."""
     needed = sorted({j for t in pending for j in t.inputs})
     ckpts = _prepare(traj, needed, progress, allow_duplicates)
-    for t in pending:
-        if dirs[t.step].exists():
-            shutil.rmtree(dirs[t.step])  # incomplete or made with other arguments: redo it
-
+    check_inputs(out, input_paths(list(ckpts.values())), replaces=False)  # again: downloads add files
     ref = ckpts[pending[-1].index]
     assert ref.tensors is not None
     tensors = list(ref.tensors.values())
     out_dtypes = {t.name: (out_dtype if out_dtype and t.dtype.floating else t.dtype) for t in tensors}
     entries = [TensorInfo(t.name, out_dtypes[t.name], t.shape) for t in tensors]
-
-    out.mkdir(parents=True, exist_ok=True)
+    prints = {j: recipe.fingerprint(j) for j in needed}  # recorded as they were before reading
     tmps: dict[int, Path] = {}
     sinks: dict[int, SafetensorsDirSink] = {}
     readers: dict[int, CheckpointReader] = {}
     from tqdm import tqdm
 
     total = sum(t.nbytes for t in tensors) * len(needed)
-    factors = _ema_factors(traj.steps, decay, half_life) if method == "ema" else None
+    factors = _ema_factors(traj.steps, recipe.params.get("decay"), recipe.params.get("half_life")) \
+        if recipe.method == "ema" else None
     try:
         for t in pending:
-            tmps[t.step] = begin_directory(dirs[t.step])
-            sinks[t.step] = SafetensorsDirSink(tmps[t.step], entries, shard_bytes)
-        readers = {j: CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j])) for j in needed}
+            tmps[t.step] = begin_directory(dirs[t.step], force=True)  # what is there was judged replaceable
+            sinks[t.step] = SafetensorsDirSink(tmps[t.step], entries, recipe.max_shard_size, label=dirs[t.step])
+        readers = {j: CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j]), key=ckpts[j].key)
+                   for j in needed}
         with tqdm(total=total, unit="B", unit_scale=True, desc="series", disable=not progress, leave=False) as bar:
             stream_series(readers, pending, tensors, out_dtypes, sinks, ema_factors=factors,
                           allow_nonfinite=allow_nonfinite, on_bytes=bar.update, steps=traj.steps)
         for t in pending:
             sinks[t.step].close()
-            ins = [ckpts[j] for j in t.inputs]
-            finish_directory(tmps[t.step], ins, t.weights, method, params, out_dtype, "float64", str(traj.root))
-            commit_directory(tmps[t.step], dirs[t.step], fsync)
+            try:
+                finish_directory(tmps[t.step], [ckpts[j] for j in t.inputs], t.weights, recipe.method, recipe.params,
+                                 out_dtype, "float64", str(traj.root), fingerprints=[prints[j] for j in t.inputs],
+                                 max_shard_size=recipe.max_shard_size)
+                commit_directory(tmps[t.step], dirs[t.step], fsync)
+            except OSError as e:
+                err = public_error(e, tmps[t.step], dirs[t.step])
+                if err is None:
+                    raise
+                raise err from None
             del tmps[t.step]
     finally:
         for r in readers.values():
             r.close()
-        for s in sinks.values():
-            s.close()
+        for sink in sinks.values():
+            sink.abort()
         for tmp in tmps.values():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return result
+            remove_entry(tmp)
 
 
 def iter_series(
@@ -313,7 +371,8 @@ def iter_series(
 
     def fold(j: int, sign: int = 1) -> None:
         """Add (+1) or remove (-1) checkpoint j, tensor by tensor, chunk by chunk."""
-        with CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j])) as r, st.input(j, 1.0, sign) as put:
+        with CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j]), key=ckpts[j].key) as r, \
+                st.input(j, 1.0, sign) as put:
             for info in floats:
                 for s0 in range(0, info.numel, CHUNK_ELEMS):
                     put(r.read(info.name, s0, min(CHUNK_ELEMS, info.numel - s0)), info.dtype, offsets[info.name] + s0)
@@ -339,7 +398,8 @@ def iter_series(
                     for j in t.inputs:
                         fold(j)
             sd: dict[str, torch.Tensor] = {}
-            with CheckpointReader(ckpts[t.index].files, ckpts[t.index].format, str(ckpts[t.index])) as r:
+            with CheckpointReader(ckpts[t.index].files, ckpts[t.index].format, str(ckpts[t.index]),
+                                  key=ckpts[t.index].key) as r:
                 for info in ref.values():
                     if not info.dtype.floating:
                         sd[info.name] = to_torch(r.read(info.name), info.dtype, info.shape)

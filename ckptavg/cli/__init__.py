@@ -16,6 +16,7 @@ import click
 
 from .._version import __version__
 from .options import (
+    KEY_HELP,
     STEP_PATTERN_HELP,
     deprecated_alias,
     friendly_errors,
@@ -40,9 +41,10 @@ def cli() -> None:
 @cli.command("list")
 @click.argument("path")
 @click.option("--step-pattern", help=STEP_PATTERN_HELP)
+@click.option("--key", help=KEY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly_errors
-def list_cmd(path: str, step_pattern: str | None, as_json: bool) -> None:
+def list_cmd(path: str, step_pattern: str | None, key: str | None, as_json: bool) -> None:
     """List the checkpoints of a run: step, format, size, dtype.
 
     PATH is a run folder, or hf://org/name for the step branches of a Hub model repo
@@ -50,7 +52,7 @@ def list_cmd(path: str, step_pattern: str | None, as_json: bool) -> None:
     """
     from ..sources import discover
 
-    traj = discover(path, step_pattern=step_pattern)
+    traj = discover(path, step_pattern=step_pattern, key=key)
     rows: list[dict[str, Any]] = []
     for c in traj:
         dtypes = sorted({t.dtype.name for t in (c.tensors or {}).values()})
@@ -96,7 +98,8 @@ def _default_out(root: str, method: str, k: int, last_step: int, decay: float | 
 @click.option("--dtype", help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
 @click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--max-shard-size", help="Shard the output, e.g. 5GB, with model.safetensors.index.json.")
-@click.option("--force", is_flag=True, help="Replace an existing non-empty output directory.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing non-empty output directory (never an input; a link is replaced, not followed).")
 @click.option("--hash", "hash_inputs", is_flag=True, help="Record each input file's sha256 in ckptavg.json.")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors with NaN/Inf instead of refusing.")
 @click.option("--evict", is_flag=True, help="hf:// only: delete the inputs' weight files from the HF cache after the merge.")
@@ -105,7 +108,7 @@ def _default_out(root: str, method: str, k: int, last_step: int, decay: float | 
 @output_options
 @friendly_errors
 def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, as_json: bool, step_pattern: str | None,
-          **kw: Any) -> None:
+          key: str | None, **kw: Any) -> None:
     """Average checkpoints of the run at PATH into one HF-loadable directory.
 
     PATH may be hf://org/name: the step branches of a Hub model repo, downloaded into the
@@ -125,7 +128,7 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
 
     selection = selection_from(kw)
     how = method_from(kw)
-    traj = discover(path, step_pattern=step_pattern)
+    traj = discover(path, step_pattern=step_pattern, key=key)
     sel = selection.apply(traj)
     w = methods.weights(how["method"], sel.steps, weights=how["weights"], decay=how["decay"], half_life=how["half_life"])
     target = out or _default_out(traj.root, how["method"], len(sel), sel.steps[-1], how["decay"], how["half_life"])
@@ -161,14 +164,17 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
 @click.option("--dtype", help="Output dtype [default: the inputs'].")
 @click.option("--max-shard-size", help="Shard each output, e.g. 5GB.")
 @click.option("--allow-nonfinite", is_flag=True, help="Write averages with NaN/Inf instead of refusing.")
+@click.option("--force", is_flag=True,
+              help="Replace step{S} entries ckptavg did not write (never an input; a link is replaced, not followed).")
 @write_options
 @output_options
 @friendly_errors
 def series_cmd(path: str, out: Path, stride: int | None, quiet: bool, as_json: bool, step_pattern: str | None,
-               allow_duplicates: bool, **kw: Any) -> None:
+               key: str | None, allow_duplicates: bool, **kw: Any) -> None:
     """Write the averaged model at every target step of the run at PATH (OUT/step{S}/),
     reading each input once. The selection flags pick the targets; --window is each
-    uniform target's window. Re-running resumes: complete outputs are kept.
+    uniform target's window. Re-running resumes: outputs made by the same arguments from the
+    same inputs are kept, ckptavg's other outputs redone; anything else is refused without --force.
 
     \b
     Examples:
@@ -187,7 +193,7 @@ def series_cmd(path: str, out: Path, stride: int | None, quiet: bool, as_json: b
     how = method_from(kw)
     if how.pop("weights") is not None:
         raise click.UsageError("series averages uniform windows or EMAs; --weights applies to merge")
-    results = series(discover(path, step_pattern=step_pattern), out, selection, **how, **kw,
+    results = series(discover(path, step_pattern=step_pattern, key=key), out, selection, **how, **kw,
                      allow_duplicates=allow_duplicates, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps({"outputs": [{"step": r.step, "path": str(r.path), "written": r.written}
@@ -245,7 +251,7 @@ def demo(out: Path, zero_shot: bool, quiet: bool, as_json: bool) -> None:
               callback=deprecated_alias("--results"))
 @output_options
 @friendly_errors
-def eval_cmd(target: str, results: Path | None, old_output: Path | None, quiet: bool, as_json: bool,
+def eval_cmd(target: str, results: Path | None, old_output: Path | None, quiet: bool, as_json: bool, key: str | None,
              step_pattern: str | None, allow_duplicates: bool, **kw: Any) -> None:
     """Score TARGET zero-shot with lm-evaluation-harness and/or a held-out loss.
 
@@ -265,7 +271,7 @@ def eval_cmd(target: str, results: Path | None, old_output: Path | None, quiet: 
 
     selection = selection_from(kw)
     how = method_from(kw)
-    source: Any = discover(target, step_pattern=step_pattern) if step_pattern else target
+    source: Any = discover(target, step_pattern=step_pattern, key=key) if step_pattern or key else target
     result = score(source, kw.pop("tasks"), selection=None if selection.is_empty else selection, **how, **kw,
                    allow_duplicates=allow_duplicates, output=results or old_output,
                    progress=not quiet and not as_json)

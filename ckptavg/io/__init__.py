@@ -1,10 +1,13 @@
 """Tensor I/O, the leaf of the package: it imports nothing of ckptavg but :mod:`ckptavg.errors`.
 
 - :mod:`.dtypes`: safetensors dtypes, numpy storage, bf16 conversion, fp32/fp64 accumulators;
+- :mod:`.files`: regular files only (a FIFO is refused, not waited on), a bounded pool of descriptors,
+  JSON read with size and nesting caps;
 - :mod:`.layout`: which files of a folder are the weights, index files, shard checks;
 - :mod:`.safetensors`, :mod:`.torchfile`: one reader per format (``pread``, never a mapping);
 - :mod:`.readers`: all the files of one checkpoint behind one ``read(name, start, count)``;
 - :mod:`.sinks`: where averaged chunks go (a safetensors folder, written atomically, or memory).
+- :mod:`.lock`: who is writing an output (its lock file; temporaries named after host and pid).
 """
 
 from __future__ import annotations
