@@ -57,6 +57,13 @@ def build(
         if fingerprints is not None:
             entry["fingerprint"] = dict(fingerprints[i])
         inputs.append(entry)
+    # Integer and bool tensors (attention masks, position ids, step counters) are not averaged: they
+    # are copied from the newest input, and the record says which.
+    kinds = checkpoints[-1].tensors if checkpoints else None
+    tensors = {} if kinds is None else {"tensors": {
+        "averaged": sum(t.dtype.floating for t in kinds.values()),
+        "copied_from_newest": sorted(n for n, t in kinds.items() if not t.dtype.floating),
+    }}
     return {
         "tool": "ckptavg",
         "version": __version__,
@@ -66,6 +73,7 @@ def build(
         "dtype": dtype,
         "accumulate": accumulate,
         "inputs": inputs,
+        **tensors,
         **({"max_shard_size": max_shard_size, "files": list(files)} if files else {}),
     }
 

@@ -107,6 +107,33 @@ def test_half_precision_accumulates_in_fp32_and_rounds_like_torch(make_run, dtyp
     assert not torch.equal(naive / 8, oracle)
 
 
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_tensors_are_averaged_and_the_manifest_says_what_was_copied(tmp_path, fp8):
+    """fp8 weights used to be copied from the newest input while the manifest said "averaged".
+    Four inputs: every sum of fp8 values is exact in fp32 and /4 is exact, so the mean is exact and
+    its rounding to fp8 (ties to even, which happen often here) must match torch's cast bit for bit."""
+    from safetensors.torch import save_file
+
+    dt = getattr(torch, fp8)
+    g = torch.Generator().manual_seed(0)
+    states = {}
+    for step in (1, 2, 3, 4):
+        w = (torch.randn(64, 48, generator=g) * 8).to(dt)
+        states[step] = {"w": w, "mask": torch.full((4,), step, dtype=torch.int64)}
+        d = tmp_path / "run" / f"step{step}"
+        d.mkdir(parents=True)
+        save_file(states[step], d / "model.safetensors")
+    out = ckptavg.average(ckptavg.discover(tmp_path / "run"), tmp_path / "o", progress=False)
+    got = load_file(out / "model.safetensors")
+    want = torch.stack([states[s]["w"].float() for s in states]).mean(0).to(dt)
+    assert got["w"].dtype == dt
+    assert torch.equal(got["w"].view(torch.uint8), want.view(torch.uint8))
+    assert not torch.equal(got["w"].view(torch.uint8), states[4]["w"].view(torch.uint8))
+    assert torch.equal(got["mask"], states[4]["mask"])  # integers: the newest, and the record says so
+    record = json.loads((out / "ckptavg.json").read_text())
+    assert record["tensors"] == {"averaged": 1, "copied_from_newest": ["mask"]}
+
+
 def test_output_dtype_conversion_and_config_dtype(make_run, tmp_path):
     root, states = make_run("safetensors", values="random", steps=(1, 2))
     out = ckptavg.average(ckptavg.discover(root), tmp_path / "bf", dtype="bf16", progress=False)

@@ -2,7 +2,9 @@
 
 The engine works on raw numpy buffers so that the safetensors path never imports torch
 (``import torch`` alone costs ~1.25 s and ~225 MB). numpy has no bfloat16, so BF16 is carried as
-uint16 bit patterns and converted by hand (``bf16_to_f32`` / ``f32_to_bf16``).
+uint16 bit patterns and converted by hand (``bf16_to_f32`` / ``f32_to_bf16``); fp8 (E4M3FN, E5M2)
+likewise as uint8 codes, decoded through a 256-entry table and encoded by rounding to the nearest
+code, ties to even, as torch's ``.to(torch.float8_*)`` does.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ DTYPES: dict[str, DType] = {
         _d("U16", 2, "u2", False, "uint16"),
         _d("U8", 1, "u1", False, "uint8"),
         _d("BOOL", 1, "u1", False, "bool"),
-        # fp8 can be stored and copied, not averaged (numpy cannot compute in it).
-        _d("F8_E4M3", 1, "u1", False, "float8_e4m3fn"),
-        _d("F8_E5M2", 1, "u1", False, "float8_e5m2"),
+        # fp8: averaged in fp32 and written back as fp8 (never an output --dtype: too coarse to ask for)
+        _d("F8_E4M3", 1, "u1", True, "float8_e4m3fn"),
+        _d("F8_E5M2", 1, "u1", True, "float8_e5m2"),
     )
 }
 
@@ -60,7 +62,7 @@ def parse_dtype(text: str) -> DType:
     """A user-facing dtype name (``bf16``, ``float32``, ``F16`` …) -> DType (floating only)."""
     key = _ALIASES.get(text.lower(), text.upper())
     d = DTYPES.get(key)
-    if d is None or not d.floating:
+    if d is None or not d.floating or d.name.startswith("F8"):
         raise ValueError(f"unknown output dtype {text!r}; use one of float32, float16, bfloat16, float64")
     return d
 
@@ -92,8 +94,53 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return res
 
 
+def _fp8_table(exp_bits: int, man_bits: int, finite_nan_only: bool) -> np.ndarray:
+    """float32 value of each of the 256 codes (E4M3FN: no Inf, NaN = S.1111.111; E5M2: IEEE-like)."""
+    code = np.arange(256, dtype=np.int64)
+    sign = np.where(code & 0x80, -1.0, 1.0)
+    e = (code >> man_bits) & ((1 << exp_bits) - 1)
+    m = code & ((1 << man_bits) - 1)
+    bias = (1 << (exp_bits - 1)) - 1
+    value = np.where(e == 0, m / (1 << man_bits) * 2.0 ** (1 - bias), (1 + m / (1 << man_bits)) * 2.0 ** (e - bias))
+    top = e == (1 << exp_bits) - 1
+    if finite_nan_only:
+        value = np.where(top & (m == (1 << man_bits) - 1), np.nan, value)
+    else:
+        value = np.where(top, np.where(m == 0, np.inf, np.nan), value)
+    return (sign * value).astype(np.float32)
+
+
+FP8_TABLES = {"F8_E4M3": _fp8_table(4, 3, True), "F8_E5M2": _fp8_table(5, 2, False)}
+
+
+def f32_to_fp8(x: np.ndarray, name: str) -> np.ndarray:
+    """float32/float64 -> fp8 codes (uint8), bit for bit as torch 2.x casts: nearest code, ties to
+    the even code; beyond the range E4M3FN saturates at ±448 (it has no Inf), E5M2 gives ±Inf."""
+    table = FP8_TABLES[name]
+    grid = table[:0x80]  # non-negative codes in increasing order, then NaN/Inf at the top
+    finite = int(np.isfinite(grid).sum())
+    grid = grid[:finite].astype(np.float64)
+    mag = np.abs(np.asarray(x, dtype=np.float64))
+    hi = np.clip(np.searchsorted(grid, mag, side="left"), 1, finite - 1)
+    lo = hi - 1
+    d_lo, d_hi = mag - grid[lo], grid[hi] - mag
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    code = np.where(pick_hi, hi, lo)
+    code = np.where(mag <= grid[0], 0, code)
+    half_step = (grid[-1] - grid[-2]) / 2  # beyond the last code by more than half a step: out of range
+    if name == "F8_E5M2":
+        code = np.where(mag >= grid[-1] + half_step, finite, code)  # the tie with Inf goes to Inf (even)
+    else:
+        code = np.where(mag > grid[-1], finite - 1, code)
+    code = np.where(np.isnan(mag), 0x7F, code)
+    return (code | np.where(np.signbit(x), 0x80, 0)).astype(np.uint8)
+
+
 def to_accumulator(raw: np.ndarray, dtype: DType, out: np.ndarray) -> np.ndarray:
     """Raw stored values -> the accumulator dtype, written into ``out``."""
+    if dtype.name in FP8_TABLES:
+        np.copyto(out, FP8_TABLES[dtype.name][raw], casting="unsafe")
+        return out
     if dtype.name == "BF16":
         if out.dtype == np.float32:
             return bf16_to_f32(raw, out)
@@ -106,6 +153,8 @@ def to_accumulator(raw: np.ndarray, dtype: DType, out: np.ndarray) -> np.ndarray
 
 def from_accumulator(acc: np.ndarray, dtype: DType) -> np.ndarray:
     """Accumulator values -> raw stored values of ``dtype`` (a new array)."""
+    if dtype.name in FP8_TABLES:
+        return f32_to_fp8(acc, dtype.name)
     if dtype.name == "BF16":
         return f32_to_bf16(acc if acc.dtype == np.float32 else acc.astype(np.float32))
     return acc.astype(dtype.storage)
