@@ -30,7 +30,7 @@ from . import manifest as _manifest
 from . import methods, sources
 from .averaging import ensure_tensors, finish_directory, input_paths
 from .engine import CHUNK_ELEMS, RunningAverage, Target, narrows, stream_series
-from .errors import MethodError, OutputError, OutputExistsError, SelectionError, UsageError
+from .errors import MethodError, NonFiniteError, OutputError, OutputExistsError, SelectionError, UsageError
 from .io.dtypes import DType, parse_dtype, to_torch
 from .io.layout import is_complete_output
 from .io.lock import output_lock
@@ -410,9 +410,32 @@ def iter_series(
                     vals = np.empty(info.numel, dt.storage)
                     for s0 in range(0, info.numel, CHUNK_ELEMS):
                         n = min(CHUNK_ELEMS, info.numel - s0)
-                        vals[s0 : s0 + n] = st.emit(dt, buf, where, at=offsets[info.name] + s0, n=n, narrowing=cast)
+                        try:
+                            vals[s0 : s0 + n] = st.emit(dt, buf, where, at=offsets[info.name] + s0, n=n,
+                                                        narrowing=cast)
+                        except NonFiniteError:  # finite inputs whose fp32 sum overflowed, or a NaN/Inf input
+                            vals[s0 : s0 + n] = _exact_chunk(ckpts, t, info, s0, n, dt, cast)
                     sd[info.name] = to_torch(vals, dt, info.shape)
         yield t, sd
+
+
+def _exact_chunk(ckpts: Sequence[Checkpoint], t: Target, info: TensorInfo, start: int, n: int, dt: DType,
+                 cast: str) -> np.ndarray:
+    """One chunk of target ``t`` again from its inputs, in fp64: a finite mean of finite inputs stays
+    finite (two 3e38 values); an input holding NaN/Inf is named."""
+    exact = RunningAverage(n, np.float64)
+    for j, w in zip(t.inputs, t.weights):
+        c = ckpts[j]
+        with CheckpointReader(c.files, c.format, str(c), key=c.key) as r:
+            raw = r.read(info.name, start, n)
+        probe = RunningAverage(n, np.float64, allow_nonfinite=True)
+        probe.add(raw, info.dtype)
+        if not probe.finite():
+            raise NonFiniteError(f"step {c.step}: tensor {info.name!r} holds NaN/Inf; refusing to average it into "
+                                 f"step {t.step} (pass allow_nonfinite=True to yield it anyway)")
+        if w:
+            exact.add(raw, info.dtype, w, key=j)
+    return exact.emit(dt, narrowing=cast)
 
 
 def _nonfinite(name: str, first: int, step: int) -> str:

@@ -264,6 +264,22 @@ def test_finite_inputs_whose_fp32_sum_overflows_still_average_exactly(tmp_path):
     got = ckptavg.average(traj, progress=False)["w"]  # the fp32 running sum reaches 7.5e38: inf
     assert torch.isfinite(got).all()
     assert torch.equal(got, torch.stack([big.double(), big.double(), (big * 0.5).double()]).mean(0).float())
+    from ckptavg.series import iter_series, series
+
+    # The in-memory and on-disk series too: their fp32 sums overflow the same way.
+    [(_, sd)] = list(iter_series(traj, Selection(window=3)))
+    assert torch.equal(sd["w"], got)
+    [o] = series(traj, tmp_path / "s", Selection(window=3), progress=False)
+    assert torch.equal(load_file(o.path / "model.safetensors")["w"], got)
+
+
+def test_iter_series_names_the_step_that_holds_nan(tmp_path):
+    ok = torch.tensor([1.0, 2.0])
+    traj = _run_of(tmp_path, {1: {"w": ok}, 2: {"w": torch.tensor([1.0, float("nan")])}, 3: {"w": ok}})
+    from ckptavg.series import iter_series
+
+    with pytest.raises(ckptavg.NonFiniteError, match=r"step 2: tensor 'w' holds NaN/Inf; refusing to average it into step 3"):
+        list(iter_series(traj, Selection(window=2, steps=[3])))
 
 
 def test_a_cast_that_overflows_is_refused_naming_tensor_and_dtype(tmp_path):
