@@ -77,6 +77,19 @@ def finish_directory(
     ))
 
 
+def write_options(dtype: str | None, max_shard_size: str | int | None) -> tuple[DType | None, int | None]:
+    """``dtype`` and ``max_shard_size`` as given by a user, checked (``--dry-run`` checks them too).
+
+    Raises:
+        UsageError: an unknown dtype or a size that cannot be parsed.
+    """
+    try:
+        return (parse_dtype(dtype) if dtype else None,
+                parse_size(max_shard_size) if max_shard_size else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def input_paths(ckpts: Sequence[Checkpoint], root: str = "") -> list[Path]:
     """Every local path an output must keep clear of: the run folder, each checkpoint, its files."""
     paths = [Path(root)] if root and not root.startswith(HUB_PREFIX) else []
@@ -176,11 +189,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     params: dict[str, Any] = {"weights": list(weights) if weights is not None else None,
                               "decay": decay, "half_life": half_life}
     w = methods.weights(method, [c.step for c in ckpts], **params)
-    try:
-        out_dtype = parse_dtype(dtype) if dtype else None
-        shard_bytes = parse_size(max_shard_size) if max_shard_size else None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    out_dtype, shard_bytes = write_options(dtype, max_shard_size)
     dt = out_dtype.torch_name if out_dtype else "same as inputs"
     stream_kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, progress=progress)
     if out is None:
@@ -242,4 +251,4 @@ def _stream(ckpts: Sequence[Checkpoint], w: Sequence[float], plan: list[TensorIn
                 r.close()
 
 
-__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory", "input_paths"]
+__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory", "input_paths", "write_options"]

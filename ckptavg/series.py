@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -419,7 +419,7 @@ def iter_series(
         yield t, sd
 
 
-def _exact_chunk(ckpts: Sequence[Checkpoint], t: Target, info: TensorInfo, start: int, n: int, dt: DType,
+def _exact_chunk(ckpts: Mapping[int, Checkpoint], t: Target, info: TensorInfo, start: int, n: int, dt: DType,
                  cast: str) -> np.ndarray:
     """One chunk of target ``t`` again from its inputs, in fp64: a finite mean of finite inputs stays
     finite (two 3e38 values); an input holding NaN/Inf is named."""

@@ -88,10 +88,11 @@ def test_output_exists_is_refused_then_force_replaces(make_run, tmp_path):
     (["--step-pattern", "x(\\d+)"], "--step-pattern applies to hf:// trajectories only"),
 ], ids=["window", "at", "method", "ema-params", "dtype", "shard-size", "shard-size-inf", "shard-size-nan", "window-0", "every-0", "spacing-negative",
         "from-after-to", "empty-range", "step-pattern-local"])
-def test_bad_flags_give_one_line_errors_and_no_output(make_run, tmp_path, args, msg):
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_bad_flags_give_one_line_errors_and_no_output(make_run, tmp_path, args, msg, dry):
     root, _ = make_run("safetensors", steps=(100, 200, 300))
     before = tree_hash(root)
-    r = run("merge", root, "-o", tmp_path / "out", "-q", *args)
+    r = run("merge", root, "-o", tmp_path / "out", "-q", *args, *dry)
     assert r.exit_code == 2  # bad flags, as click's own usage errors
     assert msg in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1

@@ -122,10 +122,11 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
       ckptavg merge hf://EleutherAI/pythia-1b-deduped --window 5 --at 20000
     """
     from .. import methods
-    from ..averaging import average
+    from ..averaging import average, write_options
     from ..sources import discover
     from ..sources import evict as evict_inputs
 
+    write_options(kw.get("dtype"), kw.get("max_shard_size"))  # checked even with --dry-run
     selection = selection_from(kw)
     how = method_from(kw)
     traj = discover(path, step_pattern=step_pattern, key=key)
