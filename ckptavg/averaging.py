@@ -77,7 +77,7 @@ def finish_directory(
     ))
 
 
-def write_options(dtype: str | None, max_shard_size: str | int | None) -> tuple[DType | None, int | None]:
+def check_write_options(dtype: str | None, max_shard_size: str | int | None) -> tuple[DType | None, int | None]:
     """``dtype`` and ``max_shard_size`` as given by a user, checked (``--dry-run`` checks them too).
 
     Raises:
@@ -189,7 +189,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     params: dict[str, Any] = {"weights": list(weights) if weights is not None else None,
                               "decay": decay, "half_life": half_life}
     w = methods.weights(method, [c.step for c in ckpts], **params)
-    out_dtype, shard_bytes = write_options(dtype, max_shard_size)
+    out_dtype, shard_bytes = check_write_options(dtype, max_shard_size)
     dt = out_dtype.torch_name if out_dtype else "same as inputs"
     stream_kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, progress=progress)
     if out is None:
@@ -251,4 +251,4 @@ def _stream(ckpts: Sequence[Checkpoint], w: Sequence[float], plan: list[TensorIn
                 r.close()
 
 
-__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory", "input_paths", "write_options"]
+__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory", "check_write_options", "input_paths"]

@@ -28,7 +28,7 @@ from .options import (
     trajectory_options,
     write_options,
 )
-from .present import human_bytes
+from .present import human_bytes, preflight_report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,11 +122,11 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
       ckptavg merge hf://EleutherAI/pythia-1b-deduped --window 5 --at 20000
     """
     from .. import methods
-    from ..averaging import average, write_options
+    from ..averaging import average, check_write_options
     from ..sources import discover
     from ..sources import evict as evict_inputs
 
-    write_options(kw.get("dtype"), kw.get("max_shard_size"))  # checked even with --dry-run
+    out_dtype, _ = check_write_options(kw.get("dtype"), kw.get("max_shard_size"))  # checked even with --dry-run
     selection = selection_from(kw)
     how = method_from(kw)
     traj = discover(path, step_pattern=step_pattern, key=key)
@@ -137,7 +137,12 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
     if len(sel) == 1:  # any method of one checkpoint is that checkpoint: say so rather than look like an average
         click.echo(f"warning: the selection is one checkpoint (step {sel.steps[0]}); the output is a copy of it, "
                    "not an average (widen --window/--from/--steps to average several)", err=True)
-    if not dry_run:
+    if dry_run:
+        from ..preflight import preflight
+
+        pf = preflight(list(sel), target, out_dtype)
+        summary["preflight"] = pf.to_dict()
+    else:
         average(sel, target, **how, **kw, progress=not quiet and not as_json)
         if evict:
             summary["evicted_bytes"] = evict_inputs(sel)
@@ -151,6 +156,7 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
     if dry_run:
         for s, x in zip(sel.steps, w):
             click.echo(f"  step {s:>10}  weight {x:.6f}")
+        click.echo(preflight_report(summary["preflight"]))
 
 
 @cli.command("series")

@@ -19,6 +19,18 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+def preflight_report(pf: Mapping[str, Any]) -> str:
+    """``merge --dry-run``'s cost lines, from :meth:`ckptavg.preflight.Preflight.to_dict`."""
+    lines = [f"reads {human_bytes(pf['read_bytes'])} from {pf['inputs']} checkpoints, each file once",
+             "writes " + (human_bytes(pf["write_bytes"]) if pf["write_bytes"] is not None else "an unknown size (Hub .bin: "
+                          "tensors are known after download)"),
+             f"holds at most {human_bytes(pf['memory_bytes'])} of buffers beyond the interpreter, whatever the model's size"]
+    if pf["free_bytes"] is not None:
+        verdict = {True: "", False: " — NOT ENOUGH for the output", None: ""}[pf["fits"]]
+        lines.append(f"free at the output: {human_bytes(pf['free_bytes'])}{verdict}")
+    return "\n".join(lines)
+
+
 def _describe(prov: Mapping[str, Any]) -> str:
     rec = prov.get("weights") or {}
     inputs = rec.get("inputs") or []
