@@ -146,6 +146,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     allow_nonfinite: bool = False,
     allow_duplicates: bool = False,
     fsync: bool = True,
+    threads: int | None = None,
     progress: bool = True,
 ) -> Path | StateDict:
     """Average checkpoints, streaming one tensor chunk at a time.
@@ -168,6 +169,8 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
             branch's instead of refusing (see :func:`ckptavg.hub.materialise`).
         fsync: flush every output file and the folder to disk before the output appears (off:
             faster, but a power loss may leave a complete-looking folder of empty files).
+        threads: workers, each averaging whole chunks (default: the CPUs this process may use);
+            the output is bit-identical for any number.
         progress: show a tqdm bar (bytes read) on stderr.
 
     Returns:
@@ -191,7 +194,10 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     w = methods.weights(method, [c.step for c in ckpts], **params)
     out_dtype, shard_bytes = check_write_options(dtype, max_shard_size)
     dt = out_dtype.torch_name if out_dtype else "same as inputs"
-    stream_kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, progress=progress)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    stream_kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, progress=progress,
+                                     threads=threads)
     if out is None:
         ckpts, plan, entries = _ready(ckpts, allow_duplicates, progress, out_dtype)
         hashes = {f: _manifest.sha256_file(f) for c in ckpts for f in c.files} if hash_inputs else None
@@ -234,7 +240,7 @@ def _ready(ckpts: list[Checkpoint], allow_duplicates: bool, progress: bool,
 
 
 def _stream(ckpts: Sequence[Checkpoint], w: Sequence[float], plan: list[TensorInfo], entries: list[TensorInfo],
-            sink: Sink, *, accumulate: str, allow_nonfinite: bool, progress: bool) -> None:
+            sink: Sink, *, accumulate: str, allow_nonfinite: bool, progress: bool, threads: int | None) -> None:
     out_dtypes = {e.name: e.dtype for e in entries}
     active = sum(x != 0.0 for x in w)
     total = sum(t.nbytes * (active if t.dtype.floating else 1) for t in plan)
@@ -245,7 +251,7 @@ def _stream(ckpts: Sequence[Checkpoint], w: Sequence[float], plan: list[TensorIn
         try:
             readers = [CheckpointReader(c.files, c.format, str(c), key=c.key) for c in ckpts]
             stream(readers, w, plan, out_dtypes, sink, accumulate=accumulate, allow_nonfinite=allow_nonfinite,
-                   on_bytes=bar.update)
+                   on_bytes=bar.update, threads=threads)
         finally:
             for r in readers:
                 r.close()

@@ -16,7 +16,7 @@ independent of the model's size. Non-floating tensors (int/bool buffers such as 
 
 from __future__ import annotations
 
-from collections import deque
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +31,7 @@ from .io.dtypes import DType, from_accumulator, to_accumulator
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo
 from .io.sinks import Sink
+from .pipeline import WriteBehind, available_cpus, prefetch, spans
 
 CHUNK_ELEMS = 1 << 18  # 256K elements (1 MiB fp32, 2 MiB fp64): the k chunks of a series ring stay in cache; measured faster than 64K or 1M for merge and series
 PREFETCH = 4  # chunks read ahead by the reader thread
@@ -197,46 +198,6 @@ def narrows(src: DType, dst: DType) -> bool:
     return src.name in wider.get(dst.name, ())
 
 
-def prefetch(tasks: Iterable[Callable[[], T]], pool: ThreadPoolExecutor, depth: int) -> Iterator[T]:
-    """Results of ``tasks`` in order, with up to ``depth`` running ahead in ``pool``."""
-    queue: deque[Any] = deque()
-    it = iter(tasks)
-    for task in it:
-        queue.append(pool.submit(task))
-        if len(queue) >= depth:
-            break
-    while queue:
-        fut = queue.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            queue.append(pool.submit(nxt))
-        yield fut.result()
-
-
-class WriteBehind:
-    """Hands ``sink.write`` calls to a thread so writing (``pwrite`` into the page cache, as
-    costly as the arithmetic) overlaps the next chunk's reads and adds. At most ``depth`` writes
-    are in flight; a caller may reuse a buffer once ``depth + 1`` later writes were submitted."""
-
-    def __init__(self, sink: Sink, pool: ThreadPoolExecutor, depth: int = 2) -> None:
-        self.sink, self.pool, self.depth = sink, pool, depth
-        self._queue: deque[Any] = deque()
-
-    def write(self, name: str, start: int, values: np.ndarray) -> None:
-        self._queue.append(self.pool.submit(self.sink.write, name, start, values))
-        while len(self._queue) > self.depth:
-            self._queue.popleft().result()
-
-    def flush(self) -> None:
-        while self._queue:
-            self._queue.popleft().result()
-
-
-def _spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, numel, chunk):
-        yield start, min(chunk, numel - start)
-
-
 def _first_nonfinite(readers: Sequence[CheckpointReader], name: str, start: int, n: int) -> CheckpointReader | None:
     for r in readers:
         vals = to_accumulator(r.read(name, start, n), r.tensors[name].dtype, np.empty(n, np.float32))
@@ -256,14 +217,27 @@ def stream(
     allow_nonfinite: bool = False,
     on_bytes: Callable[[int], object] | None = None,
     chunk: int | None = None,
+    threads: int | None = None,
 ) -> None:
     """Average ``readers`` with ``weights`` tensor by tensor into ``sink`` (one model's worth).
 
     ``plan`` lists the tensors (name, input dtype, shape) in the order to process them; the last
     reader is the newest checkpoint, the source of non-floating tensors. Uniform weights are
     summed with weight 1 and divided once, as ``torch.stack(xs).mean(0)`` does.
+
+    ``threads`` > 1 (default: the CPUs this process may use): that many workers, each owning whole
+    chunks end to end (read every input's chunk, add, check, cast, ``pwrite``); at most
+    ``2 × threads`` chunks are in flight, so memory is about ``2 × threads × (k + 2)`` chunks,
+    independent of the model. Every chunk is computed the same way whoever computes it: the
+    output is bit-identical for any thread count.
     """
     chunk = chunk or CHUNK_ELEMS
+    threads = available_cpus() if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    if threads > 1:
+        return _stream_parallel(readers, weights, plan, out_dtypes, sink, accumulate=accumulate,
+                                allow_nonfinite=allow_nonfinite, on_bytes=on_bytes, chunk=chunk, threads=threads)
     active = [i for i, w in enumerate(weights) if w != 0.0]
     uniform = len({weights[i] for i in active}) == 1
     newest = len(readers) - 1
@@ -280,20 +254,12 @@ def stream(
     def jobs() -> Iterator[Callable[[], np.ndarray]]:
         for info in plan:
             srcs = active if info.dtype.floating else [newest]
-            for start, n in _spans(info.numel, chunk):
+            for start, n in spans(info.numel, chunk):
                 for i in srcs:
                     yield partial(readers[i].read, info.name, start, n)
 
     def exact(info: TensorInfo, start: int, n: int, cast: str) -> np.ndarray:
-        """The chunk again in fp64: finite inputs whose fp32 sum overflowed, or a NaN/Inf input to name."""
-        bad = _first_nonfinite([readers[i] for i in active], info.name, start, n)
-        if bad is not None:
-            raise NonFiniteError(f"{bad.label}: tensor {info.name!r} has NaN/Inf values; "
-                                 "refusing to average (pass --allow-nonfinite to average anyway)")
-        st = RunningAverage(n, np.float64)
-        for i in active:
-            st.add(readers[i].read(info.name, start, n), info.dtype, 1.0 if uniform else weights[i])
-        return st.emit(out_dtypes[info.name], narrowing=cast)
+        return _exact(readers, active, weights, uniform, info, start, n, out_dtypes[info.name], cast)
 
     produced = 0
     # Overflow and inf - inf are expected on the way to the NaN/Inf checks, which report them.
@@ -304,7 +270,7 @@ def stream(
         for info in plan:
             out_dt = out_dtypes[info.name]
             cast = info.name if narrows(info.dtype, out_dt) else ""
-            for start, n in _spans(info.numel, chunk):
+            for start, n in spans(info.numel, chunk):
                 if not info.dtype.floating:
                     raw = next(reads)
                     out.write(info.name, start, raw)
@@ -325,6 +291,67 @@ def stream(
                     values = exact(info, start, n, cast)
                 out.write(info.name, start, values)
         out.flush()
+
+
+def _stream_parallel(
+    readers: Sequence[CheckpointReader], weights: Sequence[float], plan: Sequence[TensorInfo],
+    out_dtypes: Mapping[str, DType], sink: Sink, *, accumulate: str, allow_nonfinite: bool,
+    on_bytes: Callable[[int], object] | None, chunk: int, threads: int,
+) -> None:
+    """:func:`stream` with ``threads`` workers, each owning whole chunks (see there)."""
+    active = [i for i, w in enumerate(weights) if w != 0.0]
+    uniform = len({weights[i] for i in active}) == 1
+    newest = readers[-1]
+    local = threading.local()  # a worker's own running sums, one per accumulator dtype
+
+    def state(acc: Any) -> RunningAverage:
+        sums = local.__dict__.setdefault("sums", {})
+        if acc not in sums:
+            sums[acc] = RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite)
+        st: RunningAverage = sums[acc]
+        return st
+
+    def work(info: TensorInfo, start: int, n: int) -> None:
+        if not info.dtype.floating:
+            raw = newest.read(info.name, start, n)
+            sink.write(info.name, start, raw)
+            if on_bytes:
+                on_bytes(raw.nbytes)
+            return
+        acc = np.float64 if accumulate == "float64" or info.dtype.name == "F64" else ACCUMULATORS[accumulate]
+        out_dt = out_dtypes[info.name]
+        cast = info.name if narrows(info.dtype, out_dt) else ""
+        st = state(acc)
+        st.reset(n)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i in active:
+                raw = readers[i].read(info.name, start, n)
+                if on_bytes:
+                    on_bytes(raw.nbytes)
+                st.add(raw, info.dtype, 1.0 if uniform else weights[i])
+            if allow_nonfinite or st.finite():
+                values = st.emit(out_dt, narrowing=cast, checked=True)
+            else:
+                values = _exact(readers, active, weights, uniform, info, start, n, out_dt, cast)
+        sink.write(info.name, start, values.copy() if np.shares_memory(values, st.sum) else values)
+
+    tasks = (partial(work, info, start, n) for info in plan for start, n in spans(info.numel, chunk))
+    with ThreadPoolExecutor(threads, thread_name_prefix="ckptavg-work") as pool:
+        for _ in prefetch(tasks, pool, 2 * threads):
+            pass
+
+
+def _exact(readers: Sequence[CheckpointReader], active: Sequence[int], weights: Sequence[float], uniform: bool,
+           info: TensorInfo, start: int, n: int, out_dt: DType, cast: str) -> np.ndarray:
+    """A chunk again in fp64: finite inputs whose fp32 sum overflowed, or a NaN/Inf input to name."""
+    bad = _first_nonfinite([readers[i] for i in active], info.name, start, n)
+    if bad is not None:
+        raise NonFiniteError(f"{bad.label}: tensor {info.name!r} has NaN/Inf values; "
+                             "refusing to average (pass --allow-nonfinite to average anyway)")
+    st = RunningAverage(n, np.float64)
+    for i in active:
+        st.add(readers[i].read(info.name, start, n), info.dtype, 1.0 if uniform else weights[i])
+    return st.emit(out_dt, narrowing=cast)
 
 
 @dataclass(frozen=True)
@@ -368,7 +395,7 @@ def stream_series(
 
     def jobs() -> Iterator[Callable[[], np.ndarray]]:
         for info in tensors:
-            for s0, n in _spans(info.numel, chunk):
+            for s0, n in spans(info.numel, chunk):
                 for j in needed:
                     yield partial(readers[j].read, info.name, s0, n)
 
@@ -392,7 +419,7 @@ def stream_series(
             writers[t.step].write(info.name, s0, out.copy() if np.shares_memory(out, avg) else out)
 
         for info in tensors:
-            for s0, n in _spans(info.numel, chunk):
+            for s0, n in spans(info.numel, chunk):
                 ring: dict[int, np.ndarray] = {}  # raw chunk of input j
                 st.reset(n)
                 for j in needed:
@@ -413,11 +440,16 @@ def stream_series(
                     ring[j] = raw
                     if target is None:
                         continue
-                    for m in sorted(set(target.inputs) - st.members):
-                        st.add(ring[m], info.dtype, key=m)
-                    if st.drifted:  # exact again from the ring, so the running sum cannot drift
-                        st.recompute((m, ring[m], info.dtype, 1.0) for m in sorted(st.members))
-                    emit(info, s0, target)
+                    if len(set(target.weights)) > 1:  # wsm, wma, power-ema: this target's weights, from the ring
+                        st.recompute((m, ring[m], info.dtype, w) for m, w in zip(target.inputs, target.weights))
+                        emit(info, s0, target)
+                        st.reset(n)
+                    else:
+                        for m in sorted(set(target.inputs) - st.members):
+                            st.add(ring[m], info.dtype, key=m)
+                        if st.drifted:  # exact again from the ring, so the running sum cannot drift
+                            st.recompute((m, ring[m], info.dtype, 1.0) for m in sorted(st.members))
+                        emit(info, s0, target)
                     for m in [m for m in ring if m not in later[j]]:
                         if m in st.members:
                             st.remove(ring[m], info.dtype, key=m)
@@ -426,4 +458,4 @@ def stream_series(
             wb.flush()
 
 
-__all__ = ["ACCUMULATORS", "CHUNK_ELEMS", "RunningAverage", "Target", "WriteBehind", "prefetch", "stream", "stream_series"]
+__all__ = ["ACCUMULATORS", "CHUNK_ELEMS", "RunningAverage", "Target", "available_cpus", "stream", "stream_series"]

@@ -101,6 +101,8 @@ def _default_out(root: str, method: str, k: int, last_step: int, decay: float | 
 @click.option("--force", is_flag=True,
               help="Replace an existing non-empty output directory (never an input; a link is replaced, not followed).")
 @click.option("--hash", "hash_inputs", is_flag=True, help="Record each input file's sha256 in ckptavg.json.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Workers, each averaging whole chunks [default: the CPUs this process may use]; same output for any number.")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors with NaN/Inf instead of refusing.")
 @click.option("--evict", is_flag=True, help="hf:// only: delete the inputs' weight files from the HF cache after the merge.")
 @click.option("--dry-run", is_flag=True, help="Show the selection and weights; read no tensor data.")
