@@ -4,7 +4,14 @@ Layouts recognised (children of the run folder):
 - checkpoint directories: ``step1000/``, ``checkpoint-500/`` (HF Trainer; ``trainer_state.json``
   ``global_step`` when the name has no number), ``global_step2000/`` (DeepSpeed),
   ``iter_0001000/`` (Megatron, weights under ``mp_rank_00/``), or any name with one number;
-- single files: ``ckpt_3000.pt``, ``model_500.safetensors``, ``checkpoint_N.pt``, ``step-N.bin`` …
+- single files: ``ckpt_3000.pt``, ``model_500.safetensors``, ``checkpoint_N.pt``, ``step-N.bin`` …,
+  Lightning's ``epoch=E-step=N.ckpt`` (``last.ckpt``, a copy of the newest, is not a step);
+- DCP folders (``.metadata`` + ``*.distcp``), directly or one level down: torchtitan ``step-N/``,
+  OLMo-core ``stepN/model_and_optim/``, accelerate ``checkpoint_N/pytorch_model_fsdp_0/``.
+
+A run folder that also holds weights of its own beside such children (HF Trainer's ``output_dir``
+after ``trainer.save_model()``) is the run of its children; its top-level weights are not a step and
+are listed in ``Trajectory.ignored``.
 
 Inside a checkpoint directory, weights are found in this order: ``model.safetensors.index.json``,
 ``model.safetensors``, ``pytorch_model.bin.index.json``, ``pytorch_model.bin``, then any single
@@ -29,9 +36,11 @@ from .errors import CheckpointError, UsageError
 from .io.files import load_json, not_regular
 from .io.layout import (
     CONFIG_FILES,
+    DCP_METADATA,
     STANDARD_WEIGHTS,
     WEIGHT_EXT,
     format_of,
+    is_dcp,
     is_weight_file,
     pick_weights,
     read_index,
@@ -43,6 +52,10 @@ _KNOWN_STEP = re.compile(
     r"^(?:global[_-]?step|step|checkpoint|ckpt|iter|iteration)[-_]?(\d+)(?=$|[-_.])", re.I
 )
 _DIGITS = re.compile(r"\d+")
+# Lightning's ModelCheckpoint default name epoch=E-step=N.ckpt (and any other metric=value part)
+_LIGHTNING_STEP = re.compile(r"(?:^|[-_])step=(\d+)(?=$|[-_.])", re.I)
+# Lightning's save_last copy of the newest checkpoint (last.ckpt, last-v1.ckpt): not a step of its own
+_LIGHTNING_LAST = re.compile(r"^last(?:-v\d+)?\.ckpt$", re.I)
 
 def parse_step(name: str) -> tuple[int | None, bool]:
     """Step number from a checkpoint's file or directory name.
@@ -53,7 +66,14 @@ def parse_step(name: str) -> tuple[int | None, bool]:
 
     >>> parse_step("checkpoint-500"), parse_step("ckpt_3000.pt"), parse_step("epoch3")
     ((500, True), (3000, True), (3, False))
+    >>> parse_step("epoch=2-step=300.ckpt"), parse_step("last-v1.ckpt")
+    ((300, True), (None, False))
     """
+    if _LIGHTNING_LAST.match(name):
+        return None, False
+    m = _LIGHTNING_STEP.search(name)
+    if m:
+        return int(m.group(1)), True
     stem = name
     for ext in WEIGHT_EXT:
         if stem.lower().endswith(ext):
@@ -109,11 +129,29 @@ def _plain_files(d: Path) -> list[str]:
     return out
 
 
+def _dcp_folder(d: Path) -> Path | None:
+    """The one DCP model folder inside ``d`` (OLMo-core ``model_and_optim/``, accelerate
+    ``pytorch_model_fsdp_0/``; never ``optimizer_0/``), or None."""
+    found = [c for c in _listdir(d) if not c.name.startswith((".", "optimizer")) and _is_dir(c)
+             and (c / DCP_METADATA).is_file() and is_dcp([p.name for p in _listdir(c)])]
+    if len(found) > 1:
+        raise CheckpointError(f"{d}: {len(found)} DCP checkpoints ({', '.join(c.name for c in found[:4])}); "
+                              "point at one of them")
+    return found[0] if found else None
+
+
 def find_weights(d: Path) -> tuple[str, list[Path], Path | None] | None:
-    """(format, weight files, index file) inside checkpoint directory ``d``, or None."""
-    found = pick_weights(_plain_files(d), lambda name: read_index(d / name), str(d))
+    """(format, weight files, index file) inside checkpoint directory ``d``, or None. A DCP
+    checkpoint is format ``dcp``: its ``.metadata``, then its ``.distcp`` shards."""
+    names = _plain_files(d)
+    if is_dcp(names):  # .metadata first (what is opened), then the shards (sizes, fingerprints, --hash)
+        return "dcp", [d / DCP_METADATA, *(d / n for n in sorted(names) if n.endswith(".distcp"))], None
+    found = pick_weights(names, lambda name: read_index(d / name), str(d))
     if found is not None:
         return found.format, [d / f for f in found.files], (d / found.index if found.index else None)
+    inner = _dcp_folder(d)
+    if inner is not None:
+        return find_weights(inner)
     # Megatron: iter_0001000/mp_rank_00/model_optim_rng.pt
     ranks = sorted(p for p in d.glob("mp_rank_*") if _is_dir(p))
     if len(ranks) == 1:
@@ -231,6 +269,39 @@ def _looks_like_run(d: Path) -> bool:
     return False
 
 
+def _has_step_children(d: Path) -> bool:
+    """Some child directory is named like a checkpoint (``checkpoint-500/``, ``step1000/`` …, or holds
+    ``trainer_state.json``) and holds weights: ``d`` is a run even with weights of its own."""
+    for c in _listdir(d):
+        if c.name.startswith(".") or not _is_dir(c):
+            continue
+        if parse_step(c.name)[1] or (c / "trainer_state.json").is_file():
+            try:
+                if find_weights(c) is not None:
+                    return True
+            except CheckpointError:
+                return True  # a broken checkpoint: read as a run, so that the error names it
+    return False
+
+
+def _dcp_skipped(ckpts: list[Checkpoint]) -> tuple[str, ...]:
+    """What the newest DCP checkpoint holds besides the model (optimizer, train state …), for ``list``."""
+    newest = next((c for c in reversed(ckpts) if c.format == "dcp"), None)
+    if newest is None:
+        return ()
+    from .io.dcp import DcpFile
+
+    skipped = DcpFile(newest.files[0], newest.key).skipped
+    if not skipped:
+        return ()
+    what = ", ".join(f"{k} ({n} {'entry' if n == 1 else 'entries'})" for k, n in sorted(skipped.items()))
+    return (f"{newest.files[0].parent}: DCP entries that are not the model, not averaged: {what}",)
+
+
+_FINAL = "the final weights (trainer.save_model()) beside the step checkpoints, not a step"
+_LAST = "Lightning's copy of the newest checkpoint (save_last), not a step"
+
+
 def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | None = None) -> Trajectory:
     """Find the checkpoints of a local run (:func:`ckptavg.discover` also takes ``hf://``).
 
@@ -261,15 +332,24 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | Non
     if not root.exists():
         raise CheckpointError(f"{root}: no such file or directory")
     name = root.resolve().name or str(root)
-    if not _is_dir(root) or _has_standard_weights(root) or (not _looks_like_run(root) and find_weights(root)):
+    standard = _is_dir(root) and _has_standard_weights(root)
+    if not _is_dir(root) or (standard and not _has_step_children(root)) \
+            or (not standard and not _looks_like_run(root) and find_weights(root)):
         ckpt = _single(root, None, key)
         assert ckpt is not None
-        return Trajectory(name, (ckpt,), str(root))
+        return Trajectory(name, (ckpt,), str(root), _dcp_skipped([ckpt]))
+    ignored: tuple[str, ...] = ()
+    if standard:  # HF Trainer's output_dir after save_model(): checkpoint-N/ children and the final model on top
+        top = find_weights(root)
+        ignored = tuple(f"{f}: {_FINAL}" for f in top[1]) if top is not None else ()
     ckpts: list[Checkpoint] = []
     for child in _listdir(root):
         if child.name.startswith("."):
             continue  # hidden entries, including our own temporary outputs
         step, known = parse_step(child.name)
+        if _LIGHTNING_LAST.match(child.name) and not _is_dir(child):
+            ignored += (f"{child}: {_LAST}",)
+            continue
         if _is_dir(child):
             if step is None:
                 step = _trainer_step(child)
@@ -291,7 +371,7 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | Non
             "ckpt_3000.pt, or weight files in the folder itself)"
         )
     _refuse_placeholders_across(ckpts)
-    traj = Trajectory(name, tuple(ckpts), str(root))
+    traj = Trajectory(name, tuple(ckpts), str(root), ignored + _dcp_skipped(sorted(ckpts, key=lambda c: c.step)))
     if check:
         check_compatible(traj)
     return traj

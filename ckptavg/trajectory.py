@@ -87,6 +87,9 @@ class Trajectory(Sequence[Checkpoint]):
     name: str
     checkpoints: tuple[Checkpoint, ...]
     root: str = ""
+    # What was found but is not averaged, each with why: the final ``trainer.save_model()`` weights
+    # beside ``checkpoint-N/`` children, Lightning's last.ckpt, a DCP checkpoint's optimizer state
+    ignored: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         steps = [c.step for c in self.checkpoints]

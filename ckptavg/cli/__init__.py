@@ -62,7 +62,7 @@ def list_cmd(path: str, step_pattern: str | None, key: str | None, as_json: bool
             "duplicates": list(c.source.same_as) if c.source else [],
         })
     if as_json:
-        click.echo(json.dumps({"trajectory": traj.name, "checkpoints": rows}, indent=2))
+        click.echo(json.dumps({"trajectory": traj.name, "checkpoints": rows, "ignored": list(traj.ignored)}, indent=2))
         return
     click.echo(f"{traj.name}: {len(rows)} checkpoints")
     click.echo(f"{'step':>10}  {'format':<11} {'size':>9}  {'dtype':<9} location")
@@ -70,6 +70,8 @@ def list_cmd(path: str, step_pattern: str | None, key: str | None, as_json: bool
         same = f"  [same weights as {', '.join(r['duplicates'][:3])}]" if r["duplicates"] else ""
         click.echo(f"{r['step']:>10}  {r['format']:<11} {human_bytes(r['size']):>9}  {','.join(r['dtypes']):<9} "
                    f"{r['location']}{same}")
+    for note in traj.ignored:
+        click.echo(f"ignored: {note}")
     dupes = sum(bool(r["duplicates"]) for r in rows)
     if dupes:
         click.echo(f"warning: {dupes} revisions have byte-identical weight files (same LFS sha256) under another "

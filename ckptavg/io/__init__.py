@@ -5,6 +5,7 @@
   JSON read with size and nesting caps;
 - :mod:`.layout`: which files of a folder are the weights, index files, shard checks;
 - :mod:`.safetensors`, :mod:`.torchfile`: one reader per format (``pread``, never a mapping);
+- :mod:`.dcp`: ``torch.distributed.checkpoint`` folders, one tensor at a time through torch's reader;
 - :mod:`.readers`: all the files of one checkpoint behind one ``read(name, start, count)``;
 - :mod:`.sinks`: where averaged chunks go (a safetensors folder, written atomically, or memory).
 - :mod:`.lock`: who is writing an output (its lock file; temporaries named after host and pid).

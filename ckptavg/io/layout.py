@@ -51,6 +51,15 @@ CONFIG_FILES = (
 )
 
 
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint: this file + __R_S.distcp shards
+
+
+def is_dcp(names: Iterable[str]) -> bool:
+    """A folder's file names are a ``torch.distributed.checkpoint``: ``.metadata`` and ``.distcp`` shards."""
+    names = list(names)
+    return DCP_METADATA in names and any(n.endswith(".distcp") for n in names)
+
+
 def format_of(name: str) -> str:
     """``safetensors`` or ``torch``, from a weight file's name."""
     return "safetensors" if name.lower().endswith(SAFETENSORS_EXT) else "torch"
@@ -220,6 +229,8 @@ def read_tensors(
             finally:
                 reader.close()
 
+    if fmt == "dcp":  # one DCP folder: its .metadata (files[0]) describes every shard beside it
+        files = files[:1]
     if len(files) == 1 and index is None:  # nothing to join: the header's own dict, not two copies of it
         reader = open_file(files[0], fmt, key)
         reader.close()  # only the header was read; nothing is open
@@ -245,7 +256,7 @@ def is_complete_output(folder: Path, files: Sequence[str]) -> bool:
 
 
 __all__ = [
-    "CONFIG_FILES", "NOT_WEIGHTS", "SAFETENSORS_EXT", "STANDARD_WEIGHTS", "TORCH_EXT", "WEIGHT_EXT", "WeightSet",
-    "format_of", "is_complete_output", "is_weight_file", "join_shards", "parse_index", "pick_weights", "read_index",
+    "CONFIG_FILES", "DCP_METADATA", "NOT_WEIGHTS", "SAFETENSORS_EXT", "STANDARD_WEIGHTS", "TORCH_EXT", "WEIGHT_EXT", "WeightSet",
+    "format_of", "is_complete_output", "is_dcp", "is_weight_file", "join_shards", "parse_index", "pick_weights", "read_index",
     "read_tensors", "shard_names", "write_index",
 ]

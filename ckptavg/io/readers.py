@@ -21,13 +21,18 @@ class WeightFile(Protocol):
 
 
 def open_file(path: Path, fmt: str, key: str | None = None) -> WeightFile:
-    """A reader for one weight file of format ``safetensors`` or ``torch``.
+    """A reader for one weight file of format ``safetensors``, ``torch`` or ``dcp`` (a DCP folder's
+    ``.metadata``).
 
     ``key``: torch files only, where the state dict sits (dotted, e.g. ``model.ema``; see
     :func:`ckptavg.io.torchfile.find_state_dict`).
     """
     if fmt == "safetensors":
         return SafetensorsFile(path)
+    if fmt == "dcp":  # path: the folder's .metadata; the folder is one "file"
+        from .dcp import DcpFile
+
+        return DcpFile(path, key)
     from .torchfile import TorchFile
 
     return TorchFile(path, key)
@@ -38,7 +43,7 @@ class CheckpointReader:
 
     Args:
         files: the weight files, in shard order.
-        fmt: ``safetensors`` or ``torch``.
+        fmt: ``safetensors``, ``torch`` or ``dcp``.
         label: how messages name this checkpoint, e.g. ``step 5000 (runs/x/step5000)``.
         key: torch files only: where the state dict sits (``--key``), e.g. ``model.ema``.
 
@@ -49,6 +54,8 @@ class CheckpointReader:
     def __init__(self, files: Sequence[Path], fmt: str, label: str = "", *, key: str | None = None) -> None:
         self.label = label or (str(files[0]) if files else "checkpoint")
         self._files: list[WeightFile] = []
+        if fmt == "dcp":  # one DCP folder: its .metadata (files[0]) describes every shard beside it
+            files = files[:1]
         try:
             for f in files:
                 self._files.append(open_file(Path(f), fmt, key))

@@ -9,6 +9,10 @@ mapped models, in its resident set — and a file truncated by another process w
 gives a one-line error, not the SIGBUS a mapping would (views into a larger storage are read with
 ``pread`` too and strided in numpy). Legacy pre-zip files are loaded into memory by torch.
 
+Besides tensors and plain containers, the pickle may hold only the records in
+:data:`SAFE_GLOBALS` (``argparse.Namespace``, Lightning's ``AttributeDict``), allowed through
+torch's own safe-globals mechanism; any other global is refused, naming it.
+
 Which part of the pickle is the model (:func:`find_state_dict`): a plain dict of tensors; else the
 first of :data:`STATE_DICT_KEYS` that holds one; else top-level tensors, but only several of them
 and only when no nested container holds more bytes — otherwise ``{"weights": {…}, "rng_state": t}``
@@ -20,6 +24,8 @@ shape the file's ``param_shapes`` gives).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import math
 import os
 import re
@@ -60,13 +66,32 @@ def _unpickler_detail(e: BaseException) -> str:
     return _first_line(e)
 
 
+# The only globals allowed beyond torch's own weights_only list: plain records that trainers pickle
+# beside the weights (Lightning's hyper_parameters, Megatron's args), rebuilt as inert data.
+# Lightning's AttributeDict (a dict with attribute access) is rebuilt as a plain dict: no Lightning
+# code is imported or run.
+SAFE_GLOBALS: dict[str, type] = {
+    "argparse.Namespace": argparse.Namespace,
+    "lightning.fabric.utilities.data.AttributeDict": dict,
+    "lightning_fabric.utilities.data.AttributeDict": dict,
+    "pytorch_lightning.utilities.parsing.AttributeDict": dict,
+}
+
+
+def _allowed() -> contextlib.AbstractContextManager[object]:
+    import torch
+
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; older: refused as any global
+    return allow([(cls, name) for name, cls in SAFE_GLOBALS.items()]) if allow else contextlib.nullcontext()
+
+
 def _load(path: Path, mmap: bool) -> Any:
     import pickle
 
     import torch
 
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols of files it then refuses
+        with warnings.catch_warnings(), _allowed():  # torch warns about odd pickle protocols of files it then refuses
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
