@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .eval import load_model, score
     from .selection import Selection
     from .series import iter_series
+    from .soup import greedy_soup
     from .sources import discover
     from .sweep import run_sweep
     from .trajectory import Checkpoint, Trajectory
@@ -45,6 +46,7 @@ _LAZY = {
     "average": "averaging",
     "StateDict": "averaging",
     "iter_series": "series",
+    "greedy_soup": "soup",
     "Checkpoint": "trajectory",
     "Trajectory": "trajectory",
     "Selection": "selection",
@@ -56,7 +58,7 @@ _LAZY = {
 __all__ = [
     "CheckpointError", "Checkpoint", "CkptavgError", "DuplicateError", "HubError", "IncompatibleError",
     "MethodError", "MissingDependencyError", "NonFiniteError", "OutputError", "OutputExistsError", "OutputLockedError",
-    "Selection", "SelectionError", "StateDict", "Trajectory", "UsageError", "__version__", "average", "discover", "iter_series",
+    "Selection", "SelectionError", "StateDict", "Trajectory", "UsageError", "__version__", "average", "discover", "greedy_soup", "iter_series",
     "load_model", "run_sweep", "score",
 ]
 

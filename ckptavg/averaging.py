@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -27,6 +27,7 @@ from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo, parse_size
 from .io.sinks import SafetensorsDirSink, Sink, StateDictSink, atomic_directory, check_inputs, check_output
 from .selection import Selection
+from .tokens import tokens_seen
 from .trajectory import HUB_PREFIX, Checkpoint, Trajectory, check_compatible
 
 
@@ -64,6 +65,7 @@ def finish_directory(
     tmp: Path, ckpts: Sequence[Checkpoint], weights: Sequence[float], method: str, params: dict[str, Any],
     out_dtype: DType | None, accumulate: str, root: str, hashes: dict[Path, str] | None = None,
     *, fingerprints: Sequence[dict[str, Any]] | None = None, max_shard_size: int | None = None,
+    note: Mapping[str, Any] | None = None,
 ) -> None:
     """Config/tokenizer files of the newest input and ``ckptavg.json`` next to the weights: what was
     averaged, how the folder was written, and each input's fingerprint (what a re-run compares)."""
@@ -74,7 +76,7 @@ def finish_directory(
         dtype=out_dtype.torch_name if out_dtype else "same as inputs",
         accumulate=accumulate, trajectory=root, hashes=hashes, files=files,
         fingerprints=fingerprints, max_shard_size=max_shard_size,
-    ))
+    ) | dict(note or {}))
 
 
 def check_write_options(dtype: str | None, max_shard_size: str | int | None) -> tuple[DType | None, int | None]:
@@ -125,6 +127,27 @@ def _checkpoints(source: Source, selection: Selection | None) -> tuple[list[Chec
     return ckpts, root
 
 
+def method_weights(ckpts: Sequence[Checkpoint], method: str, params: dict[str, Any],
+                   root: str = "") -> tuple[list[float], dict[str, Any]]:
+    """Weights of ``method`` for ``ckpts`` and the parameters ``ckptavg.json`` records with them.
+
+    Beyond what was given, the record holds the tokens each input had seen (``tokens``, and where
+    that came from, ``tokens_from``) when the method counts tokens, and what
+    :func:`ckptavg.methods.details` says (``power-ema``: ``gamma``, ``profile_error``).
+
+    Raises:
+        MethodError: a bad method or parameters; tokens asked for where the run does not record them.
+    """
+    given = {k: v for k, v in params.items() if v is not None}
+    steps = [c.step for c in ckpts]
+    extra: dict[str, Any] = {}
+    if given.get("half_life_tokens") is not None and method == "ema":
+        tokens, source = tokens_seen(ckpts, given.pop("tokens_per_step", None), root)
+        extra = {"tokens": tokens, "tokens_from": source}
+    w = methods.weights(method, steps, **given, **({"tokens": extra["tokens"]} if extra else {}))
+    return w, {**params, **extra, **methods.details(method, steps, **given)}
+
+
 @overload
 def average(source: Source, out: None = None, **kwargs: Any) -> StateDict: ...
 @overload
@@ -138,6 +161,10 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     weights: Sequence[float] | None = None,
     decay: float | None = None,
     half_life: float | None = None,
+    half_life_tokens: float | None = None,
+    tokens_per_step: float | None = None,
+    schedule: str | None = None,
+    sigma_rel: float | None = None,
     dtype: str | None = None,
     accumulate: Literal["float32", "float64"] = "float32",
     max_shard_size: int | str | None = None,
@@ -147,6 +174,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     allow_duplicates: bool = False,
     fsync: bool = True,
     threads: int | None = None,
+    note: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Path | StateDict:
     """Average checkpoints, streaming one tensor chunk at a time.
@@ -157,8 +185,10 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         out: output directory (HF-loadable: safetensors + config/tokenizer files of the newest
             checkpoint + ``ckptavg.json``), written atomically. ``None``: return a state dict.
         selection: which checkpoints of ``source`` (default: all of them).
-        method: ``uniform``, ``weighted`` (with ``weights``) or ``ema`` (with ``decay`` or
-            ``half_life`` in steps); see :mod:`ckptavg.methods`.
+        method: ``uniform``, ``weighted`` (with ``weights``), ``ema`` (with ``decay``, ``half_life``
+            in steps or ``half_life_tokens``, tokens per step from the run or ``tokens_per_step``),
+            ``wsm`` (with ``schedule``), ``wma`` or ``power-ema`` (with ``sigma_rel``); see
+            :mod:`ckptavg.methods`.
         dtype: output dtype of floating tensors (default: the inputs' dtype).
         accumulate: ``float32`` (default) or ``float64`` accumulator.
         max_shard_size: shard the output (``"5GB"``), with an HF index file.
@@ -171,6 +201,8 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
             faster, but a power loss may leave a complete-looking folder of empty files).
         threads: workers, each averaging whole chunks (default: the CPUs this process may use);
             the output is bit-identical for any number.
+        note: entries that replace or extend ``ckptavg.json``'s (e.g. ``{"method": …}`` saying
+            why these checkpoints), written with it before the output appears.
         progress: show a tqdm bar (bytes read) on stderr.
 
     Returns:
@@ -189,9 +221,10 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     ckpts, root = _checkpoints(source, selection)
     if accumulate not in ACCUMULATORS:
         raise UsageError(f"accumulate must be float32 or float64, got {accumulate!r}")
-    params: dict[str, Any] = {"weights": list(weights) if weights is not None else None,
-                              "decay": decay, "half_life": half_life}
-    w = methods.weights(method, [c.step for c in ckpts], **params)
+    given: dict[str, Any] = {"weights": list(weights) if weights is not None else None, "decay": decay,
+                             "half_life": half_life, "half_life_tokens": half_life_tokens,
+                             "tokens_per_step": tokens_per_step, "schedule": schedule, "sigma_rel": sigma_rel}
+    w, params = method_weights(ckpts, method, given, root)
     out_dtype, shard_bytes = check_write_options(dtype, max_shard_size)
     dt = out_dtype.torch_name if out_dtype else "same as inputs"
     if threads is not None and threads < 1:
@@ -206,7 +239,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         _stream(ckpts, w, plan, entries, sd_sink, **stream_kw)
         state = StateDict(sd_sink.state_dict())
         state.manifest = _manifest.build(ckpts, w, method, params, dtype=dt, accumulate=accumulate, trajectory=root,
-                                         hashes=hashes, fingerprints=prints)
+                                         hashes=hashes, fingerprints=prints) | dict(note or {})
         return state
     paths = input_paths(ckpts, root)
     check_output(Path(out), force, paths)  # before the lock: a plain refusal needs no lock file
@@ -224,7 +257,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
             raise
         dir_sink.close()
         finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, root, hashes,
-                         fingerprints=prints, max_shard_size=shard_bytes)
+                         fingerprints=prints, max_shard_size=shard_bytes, note=note)
     return Path(os.path.abspath(out))
 
 

@@ -38,12 +38,14 @@ from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo, parse_size
 from .io.sinks import SafetensorsDirSink, begin_directory, check_inputs, commit_directory, public_error, remove_entry
 from .selection import Selection, with_legacy
+from .tokens import tokens_seen
 from .trajectory import Checkpoint, Trajectory, check_compatible
 
 if TYPE_CHECKING:
     import torch
 
-METHODS = ("uniform", "ema")
+WEIGHTED = ("wsm", "wma", "power-ema")  # per-target weights over each target's window
+METHODS = ("uniform", "ema", *WEIGHTED)
 
 
 def plan(
@@ -53,6 +55,10 @@ def plan(
     method: str = "uniform",
     decay: float | None = None,
     half_life: float | None = None,
+    half_life_tokens: float | None = None,
+    tokens_per_step: float | None = None,
+    schedule: str | None = None,
+    sigma_rel: float | None = None,
     partial: bool = False,
     non_overlapping: bool = False,
     **legacy: Any,
@@ -64,15 +70,18 @@ def plan(
     (``partial=True``: from the first checkpoint, averaging what exists). ``non_overlapping``:
     disjoint blocks of k from the first checkpoint, as the LAWA authors' script averages. EMA: the
     target at checkpoint i is the EMA of checkpoints 0 … i (weights as in
-    :func:`ckptavg.methods.ema`); ``window`` does not apply.
+    :func:`ckptavg.methods.ema`, ``half_life_tokens`` in :func:`ckptavg.tokens.tokens_seen`'s tokens);
+    ``window`` does not apply. ``wsm``, ``wma`` and ``power-ema`` weigh each target's window as a merge
+    of it would (power-ema without ``window``: all up to the target). Greedy soups are merge-only.
 
     Raises:
         SelectionError: no target, a requested target before its first full window.
-        MethodError: a method other than uniform/ema, or parameters it does not take.
+        MethodError: a method other than uniform/ema/wsm/wma/power-ema, or parameters it does not take.
     """
     sel = with_legacy(selection, "plan", **legacy)
     if method not in METHODS:
         raise MethodError(f"series supports methods {', '.join(METHODS)}, not {method!r}")
+    extra = {"schedule": schedule, "sigma_rel": sigma_rel}
     n = len(traj)
     if n == 0:
         raise SelectionError(f"{traj.name}: the trajectory is empty")
@@ -80,13 +89,20 @@ def plan(
     if method == "uniform":
         if not window:
             raise UsageError("series --method uniform needs --window k (k ≥ 1)")
-        if decay is not None or half_life is not None:
-            raise MethodError("--decay/--half-life apply to --method ema only")
+        if any(x is not None for x in (decay, half_life, half_life_tokens, schedule, sigma_rel)):
+            raise MethodError("--decay/--half-life/--schedule/--sigma-rel do not apply to --method uniform")
         first = 0 if partial else window - 1
+    elif method in WEIGHTED:
+        if not window and method != "power-ema":
+            raise UsageError(f"series --method {method} needs --window k (k ≥ 2), each target's window")
+        methods.weights(method, [1, 2], decay=decay, half_life=half_life, half_life_tokens=half_life_tokens,
+                        tokens_per_step=tokens_per_step, **extra)  # validates the parameters
+        first = 0 if partial or not window else window - 1
     else:
         if window is not None:
             raise UsageError("series --method ema runs over the whole trajectory; drop --window")
-        methods.weights("ema", [0, 1], decay=decay, half_life=half_life)  # validates the parameters
+        methods.weights("ema", [0, 1], decay=decay, half_life=half_life, half_life_tokens=half_life_tokens,
+                        tokens_per_step=tokens_per_step if half_life_tokens is None else 1.0, **extra)
         first = 0
     index = {c.step: i for i, c in enumerate(traj)}
     picked = [index[c.step] for c in sel.targets(traj)]
@@ -101,12 +117,20 @@ def plan(
     if not candidates:
         raise SelectionError(f"{traj.name}: no target step selected (steps {traj.steps[0]}..{traj.steps[-1]})")
     all_steps = traj.steps
+    tokens = tokens_seen(list(traj), tokens_per_step, traj.root)[0] if half_life_tokens is not None else None
     targets = []
     for i in candidates:
         if method == "uniform":
             assert window is not None
             ins = tuple(range(max(0, i - window + 1), i + 1))
             w = tuple(methods.weights("uniform", [all_steps[j] for j in ins]))
+        elif method in WEIGHTED:
+            ins = tuple(range(max(0, i - window + 1) if window else 0, i + 1))
+            w = tuple(methods.weights(method, [all_steps[j] for j in ins], **extra))
+        elif tokens is not None:
+            ins = tuple(range(i + 1))
+            w = tuple(methods.weights("ema", [all_steps[j] for j in ins], half_life_tokens=half_life_tokens,
+                                      tokens=tokens[: i + 1]))
         else:
             ins = tuple(range(i + 1))
             w = tuple(methods.weights("ema", [all_steps[j] for j in ins], decay=decay, half_life=half_life))
@@ -121,16 +145,28 @@ class SeriesOutput:
     written: bool  # False: a complete output from an earlier run was kept
 
 
-def _ema_factors(steps: Sequence[int], decay: float | None, half_life: float | None) -> list[float]:
-    """How much the EMA state shrinks before checkpoint j is added (0 before the first)."""
+def _ema_factors(steps: Sequence[float], decay: float | None, half_life: float | None) -> list[float]:
+    """How much the EMA state shrinks before checkpoint j is added (0 before the first); ``steps``
+    are tokens when ``half_life`` is in tokens."""
     if decay is not None:
         return [0.0] + [decay] * (len(steps) - 1)
     assert half_life is not None
     return [0.0] + [0.5 ** ((steps[j] - steps[j - 1]) / half_life) for j in range(1, len(steps))]
 
 
-def _params(method: str, window: int | None, decay: float | None, half_life: float | None) -> dict[str, Any]:
-    return {"window": window} if method == "uniform" else {"decay": decay, "half_life": half_life}
+def _params(method: str, window: int | None, decay: float | None, half_life: float | None,
+            **extra: Any) -> dict[str, Any]:
+    if method == "uniform":
+        return {"window": window}
+    return {"window": window, **extra} if method in WEIGHTED else {"decay": decay, "half_life": half_life, **extra}
+
+
+def _factors(traj: Trajectory, params: Mapping[str, Any]) -> list[float]:
+    """The EMA factors of a series, in steps or in tokens."""
+    if params.get("half_life_tokens") is not None:
+        tokens = tokens_seen(list(traj), params.get("tokens_per_step"), traj.root)[0]
+        return _ema_factors(tokens, None, params["half_life_tokens"])
+    return _ema_factors(traj.steps, params.get("decay"), params.get("half_life"))
 
 
 @dataclass(frozen=True)
@@ -205,6 +241,10 @@ def series(
     method: str = "uniform",
     decay: float | None = None,
     half_life: float | None = None,
+    half_life_tokens: float | None = None,
+    tokens_per_step: float | None = None,
+    schedule: str | None = None,
+    sigma_rel: float | None = None,
     partial: bool = False,
     non_overlapping: bool = False,
     dtype: str | None = None,
@@ -227,7 +267,8 @@ def series(
         force: also replace ``step{S}`` entries ckptavg did not write (a link is replaced, never
             followed); inputs are never replaced.
         selection: the targets, and ``window`` = k for uniform (LAWA); see :func:`plan`.
-        method, decay, half_life, partial, non_overlapping: how each target is averaged; see :func:`plan`.
+        method, decay, half_life, half_life_tokens, tokens_per_step, schedule, sigma_rel, partial,
+            non_overlapping: how each target is averaged; see :func:`plan`.
         dtype, max_shard_size, allow_nonfinite, allow_duplicates, fsync, progress: as for :func:`ckptavg.average`.
 
     Returns:
@@ -245,9 +286,11 @@ def series(
     """
     traj = trajectory
     sel = with_legacy(selection, "series", **legacy)
-    targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, partial=partial,
+    how: dict[str, Any] = dict(half_life_tokens=half_life_tokens, tokens_per_step=tokens_per_step, schedule=schedule,
+                               sigma_rel=sigma_rel)
+    targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, **how, partial=partial,
                    non_overlapping=non_overlapping)
-    params = {k: v for k, v in _params(method, sel.window, decay, half_life).items() if v is not None}
+    params = {k: v for k, v in _params(method, sel.window, decay, half_life, **how).items() if v is not None}
     out_dtype = _out_dtype(dtype)
     try:
         shard_bytes = parse_size(max_shard_size) if max_shard_size else None
@@ -295,8 +338,7 @@ def _write(traj: Trajectory, out: Path, pending: list[Target], dirs: dict[int, P
     from tqdm import tqdm
 
     total = sum(t.nbytes for t in tensors) * len(needed)
-    factors = _ema_factors(traj.steps, recipe.params.get("decay"), recipe.params.get("half_life")) \
-        if recipe.method == "ema" else None
+    factors = _factors(traj, recipe.params) if recipe.method == "ema" else None
     try:
         for t in pending:
             tmps[t.step] = begin_directory(dirs[t.step], force=True)  # what is there was judged replaceable
@@ -335,6 +377,10 @@ def iter_series(
     method: str = "uniform",
     decay: float | None = None,
     half_life: float | None = None,
+    half_life_tokens: float | None = None,
+    tokens_per_step: float | None = None,
+    schedule: str | None = None,
+    sigma_rel: float | None = None,
     partial: bool = False,
     non_overlapping: bool = False,
     dtype: str | None = None,
@@ -356,7 +402,9 @@ def iter_series(
     """
     traj = trajectory
     sel = with_legacy(selection, "iter_series", **legacy)
-    targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, partial=partial,
+    how: dict[str, Any] = dict(half_life_tokens=half_life_tokens, tokens_per_step=tokens_per_step, schedule=schedule,
+                               sigma_rel=sigma_rel)
+    targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, **how, partial=partial,
                    non_overlapping=non_overlapping)
     out_dtype = _out_dtype(dtype)
     ckpts = _prepare(traj, sorted({j for t in targets for j in t.inputs}), False, allow_duplicates)
@@ -367,12 +415,12 @@ def iter_series(
     for info in floats:
         offsets[info.name], size = size, size + info.numel
     st = RunningAverage(size, np.float32, allow_nonfinite=allow_nonfinite)  # the whole model, flat: 4 B/parameter
-    factors = _ema_factors(traj.steps, decay, half_life) if method == "ema" else None
+    factors = _factors(traj, {"decay": decay, "half_life": half_life, **how}) if method == "ema" else None
 
-    def fold(j: int, sign: int = 1) -> None:
-        """Add (+1) or remove (-1) checkpoint j, tensor by tensor, chunk by chunk."""
+    def fold(j: int, sign: int = 1, weight: float = 1.0) -> None:
+        """Add (+1) or remove (-1) checkpoint j with ``weight``, tensor by tensor, chunk by chunk."""
         with CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j]), key=ckpts[j].key) as r, \
-                st.input(j, 1.0, sign) as put:
+                st.input(j, weight, sign) as put:
             for info in floats:
                 for s0 in range(0, info.numel, CHUNK_ELEMS):
                     put(r.read(info.name, s0, min(CHUNK_ELEMS, info.numel - s0)), info.dtype, offsets[info.name] + s0)
@@ -388,6 +436,10 @@ def iter_series(
                     st.decay(factors[j])
                     fold(j)
                 last = t.index
+            elif method in WEIGHTED:  # weights differ per target: the window afresh, weighted
+                st.reset()
+                for j, w in zip(t.inputs, t.weights):
+                    fold(j, weight=w)
             else:
                 for j in sorted(st.members - set(t.inputs)):
                     fold(j, -1)

@@ -464,10 +464,11 @@ def test_demo_recipe_fits_what_make_demo_writes(demo_run, tmp_path, monkeypatch)
     r = load_recipe(ROOT / "recipes" / "demo.yaml")
     assert sorted({j.step for j in plan(r, ckptavg.discover(r.trajectory))}) == list(range(100, 601, 20))
     report = run_sweep(replace(r, steps=Selection(steps=(600,))), progress=False)
-    assert report.table == tmp_path / "example" / "sweep" / TABLE and (report.ran, report.failed) == (3, ())
+    assert report.table == tmp_path / "example" / "sweep" / TABLE and (report.ran, report.failed) == (5, ())
     rows = load_results(report.table)
     assert {(r["task"], r["metric"]) for r in rows} >= {("critter_facts", "acc"), ("held_out", "loss")}
-    assert {(r["step"], r["variant"]) for r in rows} == {(600, v) for v in ("raw", "uniform5", "ema-h30")}
+    assert {(r["step"], r["variant"]) for r in rows} == {(600, v) for v in ("raw", "uniform5", "ema-h30",
+                                                                            "wsm-1-sqrt5", "wma5")}
 
 
 def test_missing_ray_and_matplotlib_name_their_extra(local_sweep, eval_run, held_out, tmp_path, monkeypatch):

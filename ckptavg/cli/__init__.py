@@ -28,7 +28,7 @@ from .options import (
     trajectory_options,
     write_options,
 )
-from .present import human_bytes, preflight_report
+from .present import coarse_warning, human_bytes, preflight_report, weights_table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,13 +78,21 @@ def list_cmd(path: str, step_pattern: str | None, key: str | None, as_json: bool
                    "step's name; merge refuses them unless --allow-duplicates", err=True)
 
 
-def _default_out(root: str, method: str, k: int, last_step: int, decay: float | None, half_life: float | None) -> Path:
+def _default_out(root: str, k: int, last_step: int, how: dict[str, Any]) -> Path:
     # hf://org/name → ./name-…: a Hub run has no folder to sit beside
     from ..sources import is_hub
 
     base = Path.cwd() / root.rstrip("/").split("/")[-1] if is_hub(root) else Path(root).resolve()
+    method = how["method"]
     if method == "ema":
-        tag = f"ema-h{half_life:g}" if half_life is not None else f"ema{decay:g}"
+        if how.get("half_life_tokens") is not None:
+            tag = f"ema-ht{how['half_life_tokens']:g}"
+        else:
+            tag = f"ema-h{how['half_life']:g}" if how.get("half_life") is not None else f"ema{how['decay']:g}"
+    elif method == "wsm":
+        tag = f"wsm-{how['schedule']}{k}"
+    elif method == "power-ema":
+        tag = f"power-ema{how['sigma_rel']:g}-{k}"
     else:
         tag = f"{method}{k}"
     return base.parent / f"{base.name}-{tag}-step{last_step}"
@@ -125,8 +133,7 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
       ckptavg merge runs/pythia-tiny --method ema --half-life 2000
       ckptavg merge hf://EleutherAI/pythia-1b-deduped --window 5 --at 20000
     """
-    from .. import methods
-    from ..averaging import average, check_write_options
+    from ..averaging import average, check_write_options, method_weights
     from ..sources import discover
     from ..sources import evict as evict_inputs
 
@@ -135,9 +142,11 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
     how = method_from(kw)
     traj = discover(path, step_pattern=step_pattern, key=key)
     sel = selection.apply(traj)
-    w = methods.weights(how["method"], sel.steps, weights=how["weights"], decay=how["decay"], half_life=how["half_life"])
-    target = out or _default_out(traj.root, how["method"], len(sel), sel.steps[-1], how["decay"], how["half_life"])
+    w, record = method_weights(list(sel), how["method"], {k: v for k, v in how.items() if k != "method"}, traj.root)
+    target = out or _default_out(traj.root, len(sel), sel.steps[-1], how)
     summary: dict[str, Any] = {"output": str(target), "method": how["method"], "steps": sel.steps, "weights": w}
+    summary |= {k: record[k] for k in ("tokens", "tokens_from", "gamma", "profile_error") if k in record}
+    coarse_warning(record)
     if len(sel) == 1:  # any method of one checkpoint is that checkpoint: say so rather than look like an average
         click.echo(f"warning: the selection is one checkpoint (step {sel.steps[0]}); the output is a copy of it, "
                    "not an average (widen --window/--from/--steps to average several)", err=True)
@@ -158,9 +167,52 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
     if "evicted_bytes" in summary:
         click.echo(f"evicted the inputs' weight files from the HF cache ({human_bytes(summary['evicted_bytes'])} freed)")
     if dry_run:
-        for s, x in zip(sel.steps, w):
-            click.echo(f"  step {s:>10}  weight {x:.6f}")
+        click.echo(weights_table(sel.steps, w, record))
         click.echo(preflight_report(summary["preflight"]))
+
+
+@cli.command("soup")
+@click.argument("path")
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Held-out .txt or .jsonl (\"text\" field) file that decides which checkpoints join.")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Output directory [default: <run>-soup<k>-step<S> beside the run].")
+@selection_options
+@trajectory_options
+@click.option("--seq-len", type=int, help="Held-out window length [default: the model's context, at most 2048].")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps …")
+@click.option("--force", is_flag=True, help="Replace an existing output directory ckptavg wrote.")
+@write_options
+@output_options
+@friendly_errors
+def soup_cmd(path: str, text: Path, out: Path | None, step_pattern: str | None, key: str | None,
+             allow_duplicates: bool, seq_len: int | None, device: str, force: bool, fsync: bool, quiet: bool,
+             as_json: bool, **kw: Any) -> None:
+    """Greedy soup of the selected checkpoints of the run at PATH (Wortsman et al. 2022): newest
+    first, a checkpoint joins the uniform average only if the held-out loss on --text improves.
+    Candidates are averaged and scored in memory; the chosen soup is written like merge, with the
+    choice and every candidate's loss in ckptavg.json. Merge only: series has no soup.
+
+    \b
+    Example:
+      ckptavg soup runs/pythia-tiny --window 10 --text heldout.jsonl
+    """
+    from ..soup import greedy_soup
+    from ..sources import discover
+
+    selection = selection_from(kw)
+    traj = discover(path, step_pattern=step_pattern, key=key)
+    sel = selection.apply(traj)
+    target = out or _default_out(traj.root, len(sel), sel.steps[-1], {"method": "soup"})
+    result = greedy_soup(traj, text, selection, out=target, seq_len=seq_len, device=device, force=force, fsync=fsync,
+                         allow_duplicates=allow_duplicates, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps({"output": str(result.out), **result.record}, indent=2))
+        return
+    click.echo(f"wrote {result.out}: greedy soup of {len(result.steps)} of {len(sel)} checkpoints, "
+               f"held-out loss {result.loss:.4f}")
+    for s in result.curve:
+        click.echo(f"  step {s.step:>10}  loss {s.loss:.4f}  {'kept' if s.kept else 'left out'}")
 
 
 @cli.command("series")

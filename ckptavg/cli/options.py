@@ -57,10 +57,16 @@ selection_options = _group(
 
 # How to weigh them: the parameters of ckptavg.methods.
 method_options = _group(
-    click.option("--method", "-m", default="uniform", show_default=True, help="uniform, weighted or ema."),
+    click.option("--method", "-m", default="uniform", show_default=True,
+                 help="uniform, weighted, ema, wsm, wma or power-ema."),
     click.option("--weights", help="weighted: one weight per selected checkpoint, comma-separated."),
     click.option("--decay", type=float, help="ema: decay per checkpoint, e.g. 0.9."),
     click.option("--half-life", type=float, help="ema: half-life in training steps (handles irregular spacing)."),
+    click.option("--half-life-tokens", type=float,
+                 help="ema: half-life in training tokens, e.g. 4e9 (tokens per step from the run, or --tokens-per-step)."),
+    click.option("--tokens-per-step", type=float, help="Training tokens per step, where the run does not record it."),
+    click.option("--schedule", help="wsm: the decay to emulate: linear, cosine, 1-sqrt or inv-sqrt."),
+    click.option("--sigma-rel", type=float, help="power-ema: EDM2's relative EMA length, e.g. 0.05 (at most 0.3)."),
 )
 
 # Where the trajectory comes from: flags for hf:// runs (errors recommend them by name).
@@ -97,7 +103,9 @@ def selection_from(kw: dict[str, Any]) -> Any:
 def method_from(kw: dict[str, Any]) -> dict[str, Any]:
     """Pop the method flags → keyword arguments of ckptavg.average and friends."""
     return {"method": kw.pop("method"), "weights": float_list(kw.pop("weights")), "decay": kw.pop("decay"),
-            "half_life": kw.pop("half_life")}
+            "half_life": kw.pop("half_life"), "half_life_tokens": kw.pop("half_life_tokens"),
+            "tokens_per_step": kw.pop("tokens_per_step"), "schedule": kw.pop("schedule"),
+            "sigma_rel": kw.pop("sigma_rel")}
 
 
 def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,35 @@ def preflight_report(pf: Mapping[str, Any]) -> str:
         verdict = {True: "", False: " — NOT ENOUGH for the output", None: ""}[pf["fits"]]
         lines.append(f"free at the output: {human_bytes(pf['free_bytes'])}{verdict}")
     return "\n".join(lines)
+
+
+def weights_table(steps: Sequence[int], weights: Sequence[float], record: Mapping[str, Any]) -> str:
+    """``--dry-run``'s lines: each input's step and weight, with its tokens when the method counted
+    them, then what the method says about its approximation (power-ema)."""
+    tokens = record.get("tokens")
+    lines = []
+    for i, (s, x) in enumerate(zip(steps, weights)):
+        seen = f"  tokens {tokens[i]:.4g}" if tokens else ""
+        lines.append(f"  step {s:>10}  weight {x:.6f}{seen}")
+    if tokens:
+        lines.append(f"  tokens from {record['tokens_from']}")
+    if "profile_error" in record:
+        lines.append(f"  power profile gamma {record['gamma']:.3f}; relative L2 error of the realised profile "
+                     f"{record['profile_error']:.3f}")
+    return "\n".join(lines)
+
+
+def coarse_warning(record: Mapping[str, Any]) -> None:
+    """One line on stderr when the checkpoints are too sparse for the power-EMA profile asked for."""
+    from ..methods import COARSE_ERROR
+
+    err = record.get("profile_error")
+    if err is not None and err > COARSE_ERROR:
+        import click
+
+        click.echo(f"warning: the checkpoints are too sparse for --sigma-rel {record.get('sigma_rel')}: the realised "
+                   f"profile is {err:.0%} off the exact one (relative L2, above {COARSE_ERROR:.0%}); select denser "
+                   "checkpoints or a larger --sigma-rel", err=True)
 
 
 def _describe(prov: Mapping[str, Any]) -> str:
@@ -130,4 +159,4 @@ def demo_report(self: DemoResult) -> str:
 
 
 
-__all__ = ["demo_report", "eval_table", "human_bytes", "sweep_report"]
+__all__ = ["demo_report", "eval_table", "human_bytes", "coarse_warning", "weights_table", "sweep_report"]

@@ -42,6 +42,15 @@ def _torch_dtype(dtype: str) -> Any:
     return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
+def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype``
+    before (which 4.56+ still reads, with a deprecation warning)."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
 def _check_loaded(model: Any, info: Mapping[str, Any], where: str) -> None:
     # from_pretrained leaves a weight the checkpoint lacks randomly initialised, with a warning
     # nobody reads: the scores would look plausible and mean nothing.
@@ -109,6 +118,7 @@ def load_model(
     tokenizer: str | os.PathLike[str] | None = None,
     allow_duplicates: bool = False,
     progress: bool = True,
+    **method_params: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Build the transformers model (eval mode, on ``device``) for a target.
 
@@ -125,6 +135,8 @@ def load_model(
         allow_duplicates: use Hub revisions whose weights are byte-identical to another step's
             instead of refusing them (see :func:`ckptavg.sources.materialise`).
         progress: show the download and averaging progress bars.
+        method_params: the other methods' parameters (``schedule``, ``sigma_rel``,
+            ``half_life_tokens``, ``tokens_per_step``), as for :func:`ckptavg.average`.
 
     Returns:
         ``(model, tokenizer, provenance)``; provenance says whether the weights came from disk or
@@ -146,8 +158,7 @@ def load_model(
         'memory'
     """
     from .. import manifest as _manifest
-    from .. import methods
-    from ..averaging import average
+    from ..averaging import average, method_weights
     from ..sources import discover, materialise
 
     require_transformers()
@@ -160,7 +171,8 @@ def load_model(
         traj = discover(target)
     if step is not None:
         selection = Selection(steps=(step,))
-    spec = selection is not None or method != "uniform" or any(x is not None for x in (weights, decay, half_life))
+    spec = selection is not None or method != "uniform" or any(
+        x is not None for x in (weights, decay, half_life, *method_params.values()))
     if not spec and len(traj) > 1:
         raise SelectionError(
             f"{target}: a run of {len(traj)} checkpoints (steps {traj.steps[0]}..{traj.steps[-1]}); "
@@ -178,7 +190,7 @@ def load_model(
         _refuse_custom_code(config_dir)
         tok_src = tokenizer or config_dir
         tok = _load_tokenizer(tok_src, tokenizer is not None)
-        loaded = AutoModelForCausalLM.from_pretrained(config_dir, dtype=torch_dtype, output_loading_info=True,
+        loaded = AutoModelForCausalLM.from_pretrained(config_dir, **_dtype_kwarg(torch_dtype), output_loading_info=True,
                                                       trust_remote_code=False)
         model, info = loaded
         _check_loaded(model, info, str(config_dir))
@@ -190,7 +202,7 @@ def load_model(
         if not ckpts:
             raise SelectionError(f"{target}: the selection has no checkpoints")
         # A bad method or weights must fail before a Hub run's revisions are downloaded.
-        methods.weights(method, [c.step for c in ckpts], weights=weights, decay=decay, half_life=half_life)
+        method_weights(ckpts, method, dict(weights=weights, decay=decay, half_life=half_life, **method_params), traj.root)
         # hf:// revisions become files in the HF cache here, so the newest one's config.json is local.
         ckpts = materialise(ckpts, allow_duplicates=allow_duplicates, progress=progress)
         newest = ckpts[-1]
@@ -210,9 +222,9 @@ def load_model(
         tok_src = tokenizer or config_dir
         tok = _load_tokenizer(tok_src, tokenizer is not None)
         state = average(Trajectory(traj.name, tuple(ckpts), traj.root), method=method, weights=weights, decay=decay,
-                        half_life=half_life, allow_duplicates=allow_duplicates, progress=progress)
+                        half_life=half_life, allow_duplicates=allow_duplicates, progress=progress, **method_params)
         record = state.manifest
-        loaded = cls.from_pretrained(None, config=config, state_dict=dict(state), dtype=torch_dtype,
+        loaded = cls.from_pretrained(None, config=config, state_dict=dict(state), **_dtype_kwarg(torch_dtype),
                                      output_loading_info=True)
         model, info = loaded
         del state  # only the model should keep the averaged tensors alive from here on

@@ -40,6 +40,7 @@ def score(
     allow_duplicates: bool = False,
     output: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    **method_params: Any,
 ) -> dict[str, Any]:
     """Score a merged directory, one checkpoint, or an in-memory average with lm-eval and/or a
     held-out loss, using one model object for both.
@@ -60,6 +61,8 @@ def score(
         allow_duplicates: use Hub revisions whose weights are byte-identical to another step's.
         output: also write the result as JSON to this file.
         progress: show the download and averaging progress bars.
+        method_params: ``schedule``, ``sigma_rel``, ``half_life_tokens``, ``tokens_per_step``, as for
+            :func:`ckptavg.average`.
 
     Returns:
         lm-eval's results dict (``results``, ``configs``, ``versions``, ``n-samples``, ``config`` …;
@@ -103,7 +106,7 @@ def score(
         model, tok, provenance = load_model(
             target, step=step, selection=selection, method=method, weights=weights, decay=decay,
             half_life=half_life, dtype=dtype, device=device, tokenizer=tokenizer,
-            allow_duplicates=allow_duplicates, progress=progress,
+            allow_duplicates=allow_duplicates, progress=progress, **method_params,
         )
         seconds["load"] = time.perf_counter() - t0
         result: dict[str, Any] = {}

@@ -102,6 +102,7 @@ def job_rows(job: Job, spec: ResolvedEval, executor: str, metrics: list[dict[str
     provenance = {"ckptavg": __version__, "executor": executor, "host": socket.gethostname(),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 3),
                   "method": job.variant.method, "window": job.variant.window, "half_life": job.variant.half_life,
+                  **({"schedule": job.variant.schedule} if job.variant.schedule else {}),
                   "eval": dict(spec.protocol) | {"device": spec.device, "batch_size": spec.batch_size,
                                                   "text": spec.text, "include_path": list(spec.include_path)},
                   **extra}
@@ -137,7 +138,8 @@ def run_job(job: Job, spec: ResolvedEval, executor: str = "local") -> list[dict[
             result = evaluate.score(
                 job.inputs, list(spec.tasks) or None, include_path=list(spec.include_path), limit=spec.limit,
                 batch_size=spec.batch_size, device=spec.device, dtype=spec.dtype,
-                selection=Selection(window=v.window), method=v.method, half_life=v.half_life, text=spec.text,
+                selection=Selection(window=v.window), method=v.method, half_life=v.half_life, schedule=v.schedule,
+                text=spec.text,
                 seq_len=spec.seq_len, offline=spec.offline, progress=False,
             )
         metrics = metric_rows(result)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SelectionError, UsageError
+from ..schedules import SCHEDULES
 from ..selection import Selection
 
 # The Selection keys a recipe's ``steps:`` mapping takes: ``window`` is per variant, not per sweep.
@@ -31,7 +32,8 @@ STEPS_KEYS = ("start", "stop", "spacing", "every", "at", "steps")
 class Variants:
     """What to score at each target: the raw checkpoint, LAWA windows (uniform average of the
     latest k checkpoints), EMAs with these half-lives in training steps over the latest
-    ``ema_window`` checkpoints (``None``: every checkpoint up to the target).
+    ``ema_window`` checkpoints (``None``: every checkpoint up to the target), WSM windows (the
+    merge that emulates a ``wsm_schedule`` decay) and WMA windows (weights ∝ 1 … k).
 
     Raises:
         UsageError: a window or half-life out of range, or no variant at all.
@@ -41,19 +43,29 @@ class Variants:
     uniform: tuple[int, ...] = ()
     ema_half_life: tuple[float, ...] = ()
     ema_window: int | None = None
+    wsm: tuple[int, ...] = ()
+    wsm_schedule: str = "1-sqrt"
+    wma: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if any(k < 1 for k in self.uniform):
-            raise UsageError(f"variants.uniform: windows must be at least 1, got {list(self.uniform)}")
+        for name in ("uniform", "wsm", "wma"):
+            if any(k < 1 for k in getattr(self, name)):
+                raise UsageError(f"variants.{name}: windows must be at least 1, got {list(getattr(self, name))}")
+        if self.wsm_schedule not in SCHEDULES:
+            close = difflib.get_close_matches(self.wsm_schedule, SCHEDULES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"variants.wsm_schedule: unknown {self.wsm_schedule!r}; {hint}"
+                             f"(known: {', '.join(SCHEDULES)})")
         if any(not h > 0 for h in self.ema_half_life):
             raise UsageError(f"variants.ema_half_life: half-lives must be positive, got {list(self.ema_half_life)}")
         if self.ema_window is not None and self.ema_window < 1:
             raise UsageError(f"variants.ema_window must be at least 1, got {self.ema_window}")
-        if not (self.raw or self.uniform or self.ema_half_life):
-            raise UsageError("no variants to score: set raw: true, uniform: [k, …] or ema_half_life: [h, …]")
+        if not (self.raw or self.uniform or self.ema_half_life or self.wsm or self.wma):
+            raise UsageError("no variants to score: set raw: true, uniform: [k, …], ema_half_life: [h, …], "
+                             "wsm: [k, …] or wma: [k, …]")
 
     def expand(self) -> list[Variant]:
-        """The variants in table order: raw, uniform by k, EMA by half-life.
+        """The variants in table order: raw, uniform by k, EMA by half-life, WSM by k, WMA by k.
 
         Returns:
             One :class:`Variant` each; its ``name`` is the table's ``variant`` column.
@@ -62,6 +74,8 @@ class Variants:
         out += [Variant(f"uniform{k}", "uniform", k) for k in sorted(set(self.uniform))]
         w = self.ema_window
         out += [Variant(f"ema-h{h:g}" + (f"-w{w}" if w else ""), "ema", w, h) for h in sorted(set(self.ema_half_life))]
+        out += [Variant(f"wsm-{self.wsm_schedule}{k}", "wsm", k, schedule=self.wsm_schedule) for k in sorted(set(self.wsm))]
+        out += [Variant(f"wma{k}", "wma", k) for k in sorted(set(self.wma))]
         return out
 
 
@@ -159,6 +173,7 @@ class Variant:
     method: str = "uniform"
     window: int | None = 1
     half_life: float | None = None
+    schedule: str | None = None  # wsm's decay shape
 
 
 # YAML → dataclasses ----------------------------------------------------------------------------
