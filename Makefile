@@ -10,11 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 # eval: lm-eval for `ckptavg eval` and its tests.
 # demo: lm-eval and matplotlib for `ckptavg demo` (make demo) and its tests.
 # plot, ray: matplotlib for `ckptavg plot`, Ray for `ckptavg sweep --executor ray`, and their tests.
-EXTRAS ?= test,eval,demo,plot,ray
+# tools: Lightning, for the tests that train with it and average its checkpoints.
+EXTRAS ?= test,eval,demo,plot,ray,tools
 PY := $(VENV)/bin/python
 DEMO_OUT ?= example
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-min test-newest lint bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +35,14 @@ test: lint
 # Under a minute: everything but the tests marked slow (training, Ray, wheels, the README end to end).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" -x
+
+# The fast suite at each end of the supported range (README "Install"), each in a fresh venv
+# under /tmp/ckptavg-envs: constraints-min.txt, then the newest releases. CI runs both.
+test-min:
+	.ci/env-test min
+
+test-newest:
+	.ci/env-test newest
 
 lint: install
 	$(VENV)/bin/ruff check ckptavg tests benchmarks

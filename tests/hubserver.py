@@ -1,6 +1,6 @@
 """A Hugging Face Hub-compatible HTTP endpoint on loopback, for driving the real huggingface_hub client.
 
-It answers what huggingface_hub 2.4 asks when listing and downloading a model repo:
+It answers what huggingface_hub 0.20 → 2.x ask when listing and downloading a model repo:
 
     GET  /api/models/{org}/{name}/refs                       branches → commits
     GET  /api/models/{org}/{name}/tree/{revision}            files, sizes, git oids, LFS sha256
@@ -24,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
@@ -84,6 +86,12 @@ class _Fault:
     times: int  # -1: every time
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up (e.g. after a 500)
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class HubServer:
     """``with HubServer([repo]) as server:`` → ``server.url`` for HF_ENDPOINT."""
 
@@ -93,7 +101,7 @@ class HubServer:
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"hub": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},  # stop() in 20 ms, not 0.5 s
@@ -154,7 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
               fault: str | None = None, head: bool = False) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
-            self.send_header(k, v)
+            if k != "Content-Length":  # sent once, below: a repeated one reads "2, 2" and 0.3x clients refuse it
+                self.send_header(k, v)
         self.send_header("Content-Length", (headers or {}).get("Content-Length", str(len(body))))
         self.end_headers()
         if not head:
@@ -280,3 +289,19 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         self._send(status, body, headers, fault=fault)
+
+
+def set_client(monkeypatch: Any, **settings: object) -> None:
+    """Point huggingface_hub at the loopback Hub and a fresh cache. 2.x and 1.x read ``constants.X``
+    at each call; 0.2x clients copied some names into file_download and hf_api at import, so every
+    loaded huggingface_hub module holding the name gets the value (names a version lacks are skipped)."""
+    import huggingface_hub.file_download  # noqa: F401  (loaded, so its copies are patched too)
+    import huggingface_hub.hf_api  # noqa: F401
+    from huggingface_hub import constants
+
+    mods = [m for name, m in list(sys.modules.items()) if name.startswith("huggingface_hub.") and m is not None]
+    for name, value in settings.items():
+        monkeypatch.setattr(constants, name, value, raising=False)
+        for m in mods:
+            if m is not constants and name in vars(m):
+                monkeypatch.setattr(m, name, value)

@@ -143,7 +143,7 @@ def test_old_flag_names_still_work_with_a_warning(make_run, tmp_path):
     r = run("series", root, "--window", "2", "--stride", "2", "-o", tmp_path / "s", "-q", "--json")
     assert r.exit_code == 0, r.output
     assert "--stride is deprecated; use --every" in r.output
-    assert [o["step"] for o in json.loads(r.output[r.output.index("{"):])["outputs"]] == [2, 4]
+    assert [o["step"] for o in json.loads(r.stdout)["outputs"]] == [2, 4]
 
 
 def test_every_command_has_help_with_its_purpose():

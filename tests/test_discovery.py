@@ -12,7 +12,7 @@ import ckptavg
 from ckptavg.errors import CkptavgError
 from ckptavg.local import parse_step
 from ckptavg.selection import Selection
-from conftest import integer_state, tiny_config, write_checkpoint
+from conftest import HEAD, integer_state, tiny_config, write_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -106,15 +106,15 @@ def test_duplicate_steps_are_reported(tmp_path, base_state_dict):
 def test_mixed_architectures_are_reported_before_reading(tmp_path, base_state_dict):
     write_checkpoint(tmp_path / "run", 1, integer_state(base_state_dict, 0), "safetensors")
     other = integer_state(base_state_dict, 1)
-    other["lm_head.weight"] = torch.zeros(64, 32)
+    other[HEAD] = torch.zeros(64, 32)
     write_checkpoint(tmp_path / "run", 2, other, "safetensors")
-    with pytest.raises(CkptavgError, match=r"step 1 .*'lm_head.weight' has shape \[128, 32\], step 2 has \[64, 32\]"):
+    with pytest.raises(CkptavgError, match=rf"step 1 .*'{HEAD}' has shape \[128, 32\], step 2 has \[64, 32\]"):
         ckptavg.discover(tmp_path / "run")
-    del other["lm_head.weight"]
+    del other[HEAD]
     (tmp_path / "run" / "step2" / "model.safetensors").unlink()
     write_checkpoint(tmp_path / "run2", 2, other, "safetensors")
     write_checkpoint(tmp_path / "run2", 1, integer_state(base_state_dict, 0), "safetensors")
-    with pytest.raises(CkptavgError, match=r"step 1 .*extra tensor 'lm_head.weight'"):
+    with pytest.raises(CkptavgError, match=rf"step 1 .*extra tensor '{HEAD}'"):
         ckptavg.discover(tmp_path / "run2")
 
 

@@ -14,7 +14,7 @@ import ckptavg
 from ckptavg import engine
 from ckptavg.errors import CkptavgError
 from ckptavg.selection import Selection
-from conftest import FORMATS, tiny_config
+from conftest import FORMATS, HEAD, tiny_config
 
 
 def load_output(out: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +138,7 @@ def test_output_dtype_conversion_and_config_dtype(make_run, tmp_path):
     root, states = make_run("safetensors", values="random", steps=(1, 2))
     out = ckptavg.average(ckptavg.discover(root), tmp_path / "bf", dtype="bf16", progress=False)
     got = load_output(out)
-    name = "lm_head.weight"
+    name = HEAD
     oracle = ((states[1][name] + states[2][name]) / 2).to(torch.bfloat16)
     assert torch.equal(got[name], oracle)
     cfg = json.loads((out / "config.json").read_text())
@@ -179,7 +179,7 @@ def test_sharded_output_has_index_and_same_values(make_run, tmp_path):
 def test_fp64_accumulation_option(make_run):
     root, states = make_run("safetensors", values="random", steps=(1, 2, 3))
     sd = ckptavg.average(ckptavg.discover(root), accumulate="float64", progress=False)
-    name = "lm_head.weight"
+    name = HEAD
     oracle = torch.stack([states[s][name].double() for s in (1, 2, 3)]).mean(0).float()
     assert torch.equal(sd[name], oracle)
 
@@ -212,14 +212,14 @@ def test_nonfinite_values_are_refused_naming_step_and_tensor(make_run, tmp_path)
     from safetensors.torch import save_file
 
     bad = dict(states[2])
-    bad["lm_head.weight"] = bad["lm_head.weight"].clone()
-    bad["lm_head.weight"][3, 3] = float("nan")
+    bad[HEAD] = bad[HEAD].clone()
+    bad[HEAD][3, 3] = float("nan")
     save_file(bad, root / "step2" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CkptavgError, match=r"step 2 .*'lm_head.weight'.*NaN"):
+    with pytest.raises(CkptavgError, match=rf"step 2 .*'{HEAD}'.*NaN"):
         ckptavg.average(ckptavg.discover(root), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
     sd = ckptavg.average(ckptavg.discover(root), allow_nonfinite=True, progress=False)
-    assert torch.isnan(sd["lm_head.weight"][3, 3])
+    assert torch.isnan(sd[HEAD][3, 3])
 
 
 def test_state_dict_sink_equals_directory_output(make_run, tmp_path):

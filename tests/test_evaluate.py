@@ -87,21 +87,18 @@ def test_averages_differ_from_single_checkpoints(eval_run, held_out):
 def _loopback_hub(monkeypatch, tmp_path, name: str, branches: dict[str, Path]):  # type: ignore[no-untyped-def]
     """A loopback Hub (tests/hubserver.py) serving ``branches`` (branch → checkpoint folder) as
     ``org/name``, with huggingface_hub pointed at it and a private cache under ``tmp_path``."""
-    from hubserver import HubServer, Repo
-    from huggingface_hub import constants
+    from hubserver import HubServer, Repo, set_client
 
     repo = Repo(f"org/{name}")
     for branch, folder in branches.items():
         repo.commit(branch, {f.name: f.read_bytes() for f in folder.iterdir()})
     server = HubServer([repo])
     home = tmp_path / "hf_home"
-    for name, value in {
-        "ENDPOINT": server.url, "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": False,
-        "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
-        "HF_HUB_DISABLE_TELEMETRY": True,
-    }.items():
-        monkeypatch.setattr(constants, name, value, raising=False)
+    set_client(monkeypatch, ENDPOINT=server.url,
+               HUGGINGFACE_CO_URL_TEMPLATE=server.url + "/{repo_id}/resolve/{revision}/{filename}",
+               HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE=False,
+               HF_TOKEN_PATH=str(home / "token"), HF_STORED_TOKENS_PATH=str(home / "stored_tokens"),
+               HF_HUB_DISABLE_TELEMETRY=True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     return server
 
@@ -337,6 +334,24 @@ def test_offline_sets_the_hf_variables_for_the_call_only(monkeypatch):
         assert [os.environ.get(k) for k in names] == ["1"] * 3
         assert hub_constants.HF_HUB_OFFLINE is True
     assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
+
+
+def test_scoring_outside_a_git_checkout_prints_no_git_error(eval_run, tmp_path, monkeypatch, capfd):
+    """lm-eval records ``git describe --always`` in its results, and git wrote "fatal: not a git
+    repository" straight to the terminal (file descriptor 2) outside a checkout."""
+    import lm_eval.evaluator
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above tmp_path either
+    r = score(eval_run, "ckptavg_basics", step=500, limit=2, progress=False)
+    assert r["git_hash"] is None
+    assert "fatal" not in capfd.readouterr().err
+    # in a checkout the value is still git's own
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, env=os.environ | git)
+    want = subprocess.check_output(["git", "describe", "--always"], cwd=tmp_path, text=True).strip()
+    assert lm_eval.evaluator.get_git_commit_hash() == want
 
 
 def test_offline_run_of_the_packaged_task(eval_run):

@@ -32,7 +32,7 @@ import ckptavg
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
 from ckptavg.selection import Selection
-from conftest import integer_state, tree_hash, write_checkpoint
+from conftest import HEAD, integer_state, tree_hash, write_checkpoint
 
 MARKER_NAME = "PWNED"
 
@@ -213,8 +213,8 @@ CASES: dict[str, Case] = {
     # architectures and values
     "missing-tensor": Case(_modify_state(lambda sd: sd.pop("gpt_neox.final_layer_norm.bias")), "'gpt_neox.final_layer_norm.bias' is missing"),
     "extra-tensor": Case(_modify_state(lambda sd: sd.update(extra=torch.zeros(2))), "extra tensor 'extra'"),
-    "other-shape": Case(_modify_state(lambda sd: sd.update({"lm_head.weight": torch.zeros(3, 3)})), "'lm_head.weight' has shape [3, 3]"),
-    "other-dtype": Case(_modify_state(lambda sd: sd.update({"lm_head.weight": sd["lm_head.weight"].half()})), "'lm_head.weight' is F16"),
+    "other-shape": Case(_modify_state(lambda sd: sd.update({HEAD: torch.zeros(3, 3)})), f"'{HEAD}' has shape [3, 3]"),
+    "other-dtype": Case(_modify_state(lambda sd: sd.update({HEAD: sd[HEAD].half()})), f"'{HEAD}' is F16"),
     "nan": Case(_modify_state(_nan), "step 2 "),
     "inf-bin": Case(_modify_state(_inf, fmt="bin"), "'gpt_neox.final_layer_norm.weight' has NaN/Inf"),
     # folders

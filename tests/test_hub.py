@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hubserver import HubServer, Repo
+from hubserver import HubServer, Repo, set_client
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
@@ -108,18 +108,13 @@ def repos(states) -> list[Repo]:
 @pytest.fixture
 def hub(repos, tmp_path, monkeypatch):
     """A live loopback Hub and an empty HF cache for this test; huggingface_hub pointed at both."""
-    from huggingface_hub import constants
-
     server = HubServer(repos)
     home = tmp_path / "hf_home"
-    for name, value in {
-        "ENDPOINT": server.url,
-        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": False,
-        "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
-        "AGENT_HARNESSES_PATH": str(home / "agents.json"), "HF_HUB_DISABLE_TELEMETRY": True,
-    }.items():
-        monkeypatch.setattr(constants, name, value)
+    set_client(monkeypatch, ENDPOINT=server.url,
+               HUGGINGFACE_CO_URL_TEMPLATE=server.url + "/{repo_id}/resolve/{revision}/{filename}",
+               HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE=False,
+               HF_TOKEN_PATH=str(home / "token"), HF_STORED_TOKENS_PATH=str(home / "stored_tokens"),
+               AGENT_HARNESSES_PATH=str(home / "agents.json"), HF_HUB_DISABLE_TELEMETRY=True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(hubmod.transport, "RETRY_WAIT", 0.01)
     with server:
@@ -128,9 +123,7 @@ def hub(repos, tmp_path, monkeypatch):
 
 
 def offline(monkeypatch, on: bool = True) -> None:
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", on)
+    set_client(monkeypatch, HF_HUB_OFFLINE=on)
 
 
 def oracle(states, steps) -> dict[str, torch.Tensor]:
@@ -314,11 +307,9 @@ def test_safetensors_headers_are_checked_before_the_big_downloads(hub, uri, msg)
     [("corrupt", {"file": "pytorch_model-00001-of-00002.bin"}), ("corrupt", {"file": "model.safetensors"})],
 ], ids=["500-first-try", "dropped-mid-file", "corrupt-once"])
 def test_transient_faults_are_retried_and_the_merge_is_exact(hub, states, faults, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     # huggingface_hub writes what it received in chunks of this size and resumes after the last one;
     # the default (10 MB) is bigger than these files, so the resumed request would start at 0.
-    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+    set_client(monkeypatch, DOWNLOAD_CHUNK_SIZE=8192)
     for kind, where in faults:
         hub.fault(kind, repo=REPO, **where)
     out = ckptavg.average(ckptavg.discover(URI).window(4, at=4000), tmp_path / "o", progress=False)
@@ -443,7 +434,7 @@ def test_evict_frees_consumed_weights_and_keeps_what_others_use(hub, states, tmp
 
 def test_importing_the_hub_module_and_cli_stays_cheap():
     code = ("import sys, ckptavg.hub, ckptavg.cli; "
-            "heavy = {'huggingface_hub', 'httpx2', 'numpy', 'torch'} & set(sys.modules); assert not heavy, heavy")
+            "heavy = {'huggingface_hub', 'httpx2', 'httpx', 'requests', 'numpy', 'torch'} & set(sys.modules); assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

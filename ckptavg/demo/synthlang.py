@@ -285,8 +285,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    # clean_up_tokenization_spaces=False: decode gives back the text on every transformers version
+    # (4.x defaulted to True, which drops the space before "." that byte-level BPE keeps)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                   pad_token=PAD, model_max_length=2048)
+                                   pad_token=PAD, model_max_length=2048, clean_up_tokenization_spaces=False)
 
 
 __all__ = ["Corpus", "Creature", "corpus", "train_tokenizer", "world", "write_jsonl", "write_task"]

@@ -57,7 +57,34 @@ def require_lm_eval() -> Any:
         raise MissingDependencyError(
             f"scoring tasks needs lm-evaluation-harness (missing module {e.name!r}): {EXTRA_HINT}"
         ) from None
+    _quiet_git_hash()
     return lm_eval
+
+
+def _quiet_git_hash() -> None:
+    """lm-eval records ``git describe --always`` of the working directory in its results, letting
+    git print "fatal: not a git repository" on the terminal outside a checkout. Same value, with
+    git's stderr dropped (lm-eval 0.4.3 → 0.4.x call the function by this name from evaluator.py)."""
+    import importlib
+    import subprocess
+
+    try:
+        evaluator = importlib.import_module("lm_eval.evaluator")  # where simple_evaluate looks the name up
+    except ImportError:
+        return
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None or getattr(original, "ckptavg", False):
+        return
+
+    def get_git_commit_hash() -> Any:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            from_path = getattr(sys.modules.get("lm_eval.loggers.utils"), "get_commit_from_path", None)
+            return from_path(os.getcwd()) if from_path is not None else None
+
+    get_git_commit_hash.ckptavg = True  # type: ignore[attr-defined]
+    setattr(evaluator, "get_git_commit_hash", get_git_commit_hash)  # noqa: B010
 
 
 @contextmanager

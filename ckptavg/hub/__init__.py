@@ -30,8 +30,8 @@ blobs still used by another revision stay).
 
 Modules: :mod:`.discover` (refs, trees → Trajectory), :mod:`.transport` (the one retry loop and
 error messages), :mod:`.fetch` (verified downloads, :func:`materialise`), :mod:`.cache` (offline
-listings, verification stamps, :func:`evict`). huggingface_hub is imported inside the functions,
-so importing this package costs nothing.
+listings, verification stamps, :func:`evict`), :mod:`.compat` (what differs between huggingface_hub
+0.20 and 2.x). huggingface_hub is imported inside the functions, so importing this package costs nothing.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ..errors import HubError
 from ..trajectory import HUB_PREFIX, Checkpoint, HubFile, HubSource
-from . import transport
+from . import compat, transport
 from .transport import HubWarning
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -105,30 +106,64 @@ def drop(path: Path) -> None:
         blob.unlink(missing_ok=True)
 
 
+def drop_empty_partial(repo_id: str, f: HubFile) -> None:
+    """Remove the client's zero-byte ``blobs/<etag>.incomplete`` of a download that never started."""
+    part = storage(repo_id) / "blobs" / f"{f.content_id}.incomplete"
+    try:
+        if part.stat().st_size == 0:
+            part.unlink()
+    except OSError:
+        pass
+
+
 def remember_branches(sources: Sequence[HubSource]) -> None:
-    """Record branch → commit in the cache's refs/, so HF_HUB_OFFLINE=1 discovery finds them later."""
+    """Record branch → commit in the cache's refs/ (the file huggingface_hub itself writes when it
+    resolves a branch), so HF_HUB_OFFLINE=1 discovery finds them later; warn if a branch moved."""
     from huggingface_hub import HfApi
 
-    def one(s: HubSource) -> None:
+    by_repo: dict[str, list[HubSource]] = {}
+    for s in {s.uri: s for s in sources}.values():
+        by_repo.setdefault(s.repo_id, []).append(s)
+
+    def one(repo_id: str) -> None:
         try:
-            resolved = transport.retrying(s.uri, lambda: HfApi().resolve_revision(s.repo_id, revision=s.revision))
+            refs = transport.retrying(f"{HUB_PREFIX}{repo_id}", lambda: HfApi().list_repo_refs(repo_id))
         except HubError as e:
             warnings.warn(f"{e} (not recorded in the cache's refs; offline discovery will not see it)",
                           HubWarning, stacklevel=4)
             return
-        if resolved.resolved != s.commit:
-            warnings.warn(f"{s.uri}: the branch moved to {resolved.resolved[:10]} during the run; "
-                          f"averaged commit {s.commit[:10]}", HubWarning, stacklevel=4)
+        now = {b.name: b.target_commit for b in refs.branches}
+        for s in by_repo[repo_id]:
+            if now.get(s.revision, s.commit) != s.commit:
+                warnings.warn(f"{s.uri}: the branch moved to {now[s.revision][:10]} during the run; "
+                              f"averaged commit {s.commit[:10]}", HubWarning, stacklevel=4)
+                continue
+            _write_ref(repo_id, s.revision, s.commit)
 
     with ThreadPoolExecutor(transport.WORKERS, thread_name_prefix="ckptavg-hub") as pool:
-        list(pool.map(one, list({s.uri: s for s in sources}.values())))
+        list(pool.map(one, list(by_repo)))
+
+
+def _write_ref(repo_id: str, branch: str, commit: str) -> None:
+    ref = storage(repo_id) / "refs" / branch
+    try:
+        if ref.is_file() and ref.read_text().strip() == commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, ref)  # readers see the old ref or the new one, never half a file
+    except OSError as e:
+        warnings.warn(f"{HUB_PREFIX}{repo_id}@{branch}: cannot record the branch in the cache's refs ({e}); "
+                      "offline discovery will not see it", HubWarning, stacklevel=5)
 
 
 def evict(checkpoints: Iterable[Checkpoint]) -> int:
     """Delete the weight files of these Hub checkpoints from the HF cache, once consumed.
 
-    Uses huggingface_hub's own cache deletion: a blob still linked from another revision stays,
-    and so do refs, index, config and tokenizer files, so the revision can be fetched again later.
+    Uses huggingface_hub's own single-file deletion where the client has it (2.x), the same rule
+    otherwise: a blob still linked from another revision stays, and so do refs, index, config and
+    tokenizer files, so the revision can be fetched again later.
     Local checkpoints are ignored.
 
     Returns:
@@ -158,9 +193,8 @@ def evict(checkpoints: Iterable[Checkpoint]) -> int:
              if (repo.repo_id, rev.commit_hash, f.file_name) in targets]
     if not files:
         return 0
-    strategy = info.delete_files(*files)
-    strategy.execute()
-    return int(strategy.expected_freed_size)
+    return compat.delete_cached_files(info, files)
 
 
-__all__ = ["cached_branches", "cached_files", "drop", "evict", "remember_branches", "storage", "verified"]
+__all__ = ["cached_branches", "cached_files", "drop", "drop_empty_partial", "evict", "remember_branches", "storage",
+           "verified"]

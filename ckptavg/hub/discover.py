@@ -17,20 +17,60 @@ from .transport import HubWarning
 DEFAULT_STEP_PATTERN = r"^step(\d+)$"
 
 
+_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space", "kernels": "kernel", "buckets": "bucket"}
+_SPECIAL_REF = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)")  # revisions that hold a "/"
+
+
+def _split_uri(uri: str) -> tuple[str, str, str | None, str]:
+    """huggingface_hub's grammar ``hf://[TYPE/]ns/name[@revision][/path]`` → (type, repo id,
+    revision, path), parsed here so that every client version reads a URI the same way."""
+    from urllib.parse import unquote
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not uri.startswith(HUB_PREFIX):
+        raise ValueError(f"does not start with {HUB_PREFIX}")
+    body = uri[len(HUB_PREFIX):]
+    first, _, rest = body.partition("/")
+    kind = _TYPES.get(first, "model")
+    if first in _TYPES:
+        body = rest
+    elif first in _TYPES.values() and rest:
+        raise ValueError(f"the type prefix is plural ({first}s/…)")
+    body = body.strip("/")
+    at = body.find("@")
+    revision: str | None = None
+    if at == -1 or body[:at].count("/") > 1:  # no revision, or an "@" inside a file name
+        repo_id, _, path = body.partition("/")
+        name, _, path = path.partition("/")
+        repo_id = f"{repo_id}/{name}" if name else repo_id
+    else:
+        repo_id, tail = body[:at], body[at + 1:]
+        ref = _SPECIAL_REF.match(tail)
+        revision, path = (ref.group(), tail[ref.end():].removeprefix("/")) if ref else tail.partition("/")[::2]
+        revision = unquote(revision)
+        if not revision:
+            raise ValueError("empty revision after '@'")
+    if repo_id.count("/") != 1:
+        raise ValueError(f"the repo id must be 'namespace/name', got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(transport.first_line(e)) from None
+    return kind, repo_id, revision, path
+
+
 def parse_uri(uri: str) -> tuple[str, str | None]:
     """``hf://org/name[@revision]`` → (repo id, revision or None); models only."""
-    from huggingface_hub import parse_hf_uri
-    from huggingface_hub.errors import HfUriError
-
     try:
-        parsed = parse_hf_uri(uri)
-    except HfUriError as e:
-        raise UsageError(f"{uri}: not a Hub model (expected hf://org/name or hf://org/name@step1000): {transport.first_line(e)}") from None
-    if parsed.type != "model":
-        raise UsageError(f"{uri}: a {parsed.type} repository; only model repositories hold checkpoints")
-    if parsed.path_in_repo:
+        kind, repo_id, revision, path = _split_uri(uri)
+    except ValueError as e:
+        raise UsageError(f"{uri}: not a Hub model (expected hf://org/name or hf://org/name@step1000): {e}") from None
+    if kind != "model":
+        raise UsageError(f"{uri}: a {kind} repository; only model repositories hold checkpoints")
+    if path:
         raise UsageError(f"{uri}: a path inside the repo; give the repo (hf://org/name) or one revision (hf://org/name@step1000)")
-    return parsed.id, parsed.revision
+    return repo_id, revision
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -65,8 +105,8 @@ def _remote_files(repo_id: str, commit: str) -> dict[str, HubFile]:
     out = {}
     for e in entries:
         if isinstance(e, RepoFile):
-            lfs = e.lfs
-            out[e.path] = HubFile(e.path, lfs.size if lfs else e.size, lfs.sha256 if lfs else None, e.blob_id)
+            lfs = e.lfs  # a dict on every client version (a dict-backed dataclass since 0.22)
+            out[e.path] = HubFile(e.path, lfs["size"] if lfs else e.size, lfs["sha256"] if lfs else None, e.blob_id)
     return out
 
 

@@ -10,27 +10,32 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, DuplicateError
+from ..errors import CheckpointError, DuplicateError, HubError
 from ..io.layout import join_shards, parse_index
 from ..trajectory import HUB_PREFIX, Checkpoint, HubFile, HubSource, check_compatible
-from . import cache, transport
+from . import cache, compat, transport
 from .transport import HubWarning
 
 
-def fetch(repo_id: str, branch: str, commit: str, f: HubFile, progress_class: type | None = None) -> Path:
-    """One file of a revision, in the cache and verified; downloaded only if not there yet."""
-    from huggingface_hub import hf_hub_download
+def fetch(repo_id: str, branch: str, commit: str, f: HubFile, bar: Any | None = None) -> Path:
+    """One file of a revision, in the cache and verified; downloaded only if not there yet (bytes on ``bar``)."""
 
     def attempt() -> Path:
         # Pinned to the commit discovery listed: a cached copy is returned without any request.
-        path = Path(hf_hub_download(repo_id, f.name, revision=commit, tqdm_class=progress_class or bar_class(None)))
+        path = compat.download(repo_id, f.name, commit, bar)
         bad = cache.verified(path, f)
         if bad is not None:
             cache.drop(path)
             raise transport.Corrupt(f"corrupt download ({bad}); the copy was removed from the cache")
         return path
 
-    return transport.retrying(f"{HUB_PREFIX}{repo_id}@{branch}/{f.name}", attempt, failed="download")
+    try:
+        return transport.retrying(f"{HUB_PREFIX}{repo_id}@{branch}/{f.name}", attempt, failed="download")
+    except HubError:
+        # Clients before 0.23 (resume_download=True) leave an empty partial file when the Hub never
+        # sent a byte; a partial file holding bytes stays, for the next run to resume.
+        cache.drop_empty_partial(repo_id, f)
+        raise
 
 
 def load_index(repo_id: str, branch: str, commit: str, idx: HubFile) -> dict[str, str]:
@@ -41,30 +46,6 @@ def load_index(repo_id: str, branch: str, commit: str, idx: HubFile) -> dict[str
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{HUB_PREFIX}{repo_id}@{branch}/{idx.name}: cannot read the index: {e}") from None
     return parse_index(text, f"{HUB_PREFIX}{repo_id}@{branch}/{idx.name}")
-
-
-def bar_class(bar: Any | None) -> type:
-    """A tqdm class for hf_hub_download that shows nothing itself and adds bytes to ``bar`` (if any)."""
-    from tqdm import tqdm
-
-    class Into(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if bar is not None:
-                bar.update(n)
-            return None
-
-        # Present so Xet and resumed downloads report to this bar once, not through a second one.
-        def update_transfer(self, n: float | None = 1) -> None:
-            pass
-
-        def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    return Into
 
 
 def _refuse_duplicates(ckpts: Sequence[Checkpoint], allow: bool) -> None:
@@ -193,15 +174,15 @@ def materialise(
     paths: dict[tuple[str, str, str], Path] = {}
     with tqdm(total=missing, unit="B", unit_scale=True, desc="downloading", leave=False,
               disable=not progress or missing == 0) as bar:
-        into = bar_class(bar)
 
-        def get(job: tuple[HubSource, HubFile]) -> None:
+        def get(job: tuple[HubSource, HubFile], counted: bool = True) -> None:
             s, f = job
-            paths[(s.repo_id, s.commit, f.name)] = fetch(s.repo_id, s.revision, s.commit, f, into)
+            paths[(s.repo_id, s.commit, f.name)] = fetch(s.repo_id, s.revision, s.commit, f, bar if counted else None)
 
         with ThreadPoolExecutor(transport.WORKERS, thread_name_prefix="ckptavg-download") as pool:
             list(pool.map(get, first.values()))
-            list(pool.map(get, [j for j in jobs if (j[0].repo_id, j[0].commit, j[1].name) not in paths]))
+            # the same bytes under another revision: linked to the blob just fetched, not counted again
+            list(pool.map(lambda j: get(j, False), [j for j in jobs if (j[0].repo_id, j[0].commit, j[1].name) not in paths]))
     if not transport.offline():
         cache.remember_branches([c.source for c in todo if c.source is not None])
 
@@ -216,4 +197,4 @@ def materialise(
     return out
 
 
-__all__ = ["bar_class", "fetch", "load_index", "materialise"]
+__all__ = ["fetch", "load_index", "materialise"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import HubError
+from . import compat
 
 WORKERS = 8  # parallel API calls and downloads: enough to fill a link with large files, few enough for the Hub's rate limits
 ATTEMPTS = 4  # per file and per API call: a 500, a dropped connection or a corrupt copy is retried this often
@@ -35,14 +36,15 @@ class Corrupt(Exception):
 
 
 def first_line(e: BaseException) -> str:
+    if compat.timed_out(e):
+        return "timed out"  # requests words it "HTTPConnectionPool(host=…, port=…): Read timed out."
+    e = compat.reason(e)
     text = str(e).strip()
     return (text.splitlines()[0] if text else e.__class__.__name__)[:300]
 
 
 def offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
+    return compat.offline()
 
 
 def cache_dir() -> Path:
@@ -59,56 +61,47 @@ def endpoint() -> str:
 
 def _expected(e: BaseException) -> bool:
     """An error the Hub, the network or the cache can cause (anything else is a bug and propagates)."""
-    from huggingface_hub import errors
-
-    kinds: tuple[type[BaseException], ...] = (
-        OSError, errors.HfHubHTTPError, errors.EntryNotFoundError, errors.RevisionResolutionError,
-        errors.SafetensorsParsingError, errors.NotASafetensorsRepoError,
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        NotASafetensorsRepoError,
+        SafetensorsParsingError,
     )
-    try:
-        import httpx2
 
-        kinds += (httpx2.HTTPError,)
-    except ImportError:  # pragma: no cover - huggingface_hub 2.x depends on httpx2
-        pass
-    return isinstance(e, kinds + (Corrupt,))
+    kinds = (OSError, HfHubHTTPError, EntryNotFoundError, SafetensorsParsingError, NotASafetensorsRepoError, Corrupt)
+    return isinstance(e, kinds + compat.http_errors())
 
 
 def _transient(e: BaseException) -> bool:
     """Worth another attempt: the Hub answered 5xx/429/408, or the connection failed or broke."""
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     if isinstance(e, Corrupt):
         return True
-    if offline() or isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError)):
+    if offline() or isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)) or compat.remote_entry_missing(e):
         return False
-    if isinstance(e, HfHubHTTPError):
-        status = e.response.status_code if e.response is not None else 0
-        return status in (408, 429) or status >= 500
     if isinstance(e, LocalEntryNotFoundError):  # the metadata request failed and the cache has nothing
+        return True  # (checked first: before 1.0 it is an HfHubHTTPError without a response)
+    response = getattr(e, "response", None)
+    if isinstance(e, (HfHubHTTPError, *compat.http_errors())) and response is not None:
+        # 0.3x clients retry a 5xx themselves, then raise requests' own HTTPError
+        status = getattr(response, "status_code", 0)
+        return status in (408, 429) or status >= 500
+    if isinstance(e, compat.transport_errors()):  # refused, reset, timed out, closed mid-body
         return True
-    try:
-        import httpx2
-
-        if isinstance(e, httpx2.TransportError):  # refused, reset, timed out, closed mid-body
-            return True
-    except ImportError:  # pragma: no cover - huggingface_hub 2.x depends on httpx2
-        pass
     # hf_hub_download's own size check after an interrupted transfer
     return isinstance(e, OSError) and "Consistency check failed" in str(e)
 
 
 def _hub_error(where: str, e: BaseException) -> HubError:
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (
         GatedRepoError,
         OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -119,14 +112,14 @@ def _hub_error(where: str, e: BaseException) -> HubError:
             "run once online, or unset HF_HUB_OFFLINE"
         )
     if isinstance(e, GatedRepoError):
-        return HubError(f"{where}: gated repository; accept its terms on the Hub and log in (`hf auth login`)")
+        return HubError(f"{where}: gated repository; accept its terms on the Hub and log in (`{compat.login_command()}`)")
     if isinstance(e, RepositoryNotFoundError):
         return HubError(
-            f"{where}: no such model repository on {endpoint()} (or it is private: log in with `hf auth login`)"
+            f"{where}: no such model repository on {endpoint()} (or it is private: log in with `{compat.login_command()}`)"
         )
     if isinstance(e, RevisionNotFoundError):
         return HubError(f"{where}: no such revision on the Hub")
-    if isinstance(e, RemoteEntryNotFoundError):
+    if compat.remote_entry_missing(e):
         return HubError(f"{where}: the Hub has no such file at this revision")
     return HubError(f"{where}: {first_line(e)}")
 
