@@ -117,7 +117,7 @@ def _loss(run, step, heldout):  # type: ignore[no-untyped-def]
 
     from ckptavg.eval import held_out_loss
 
-    model = AutoModelForCausalLM.from_pretrained(run / f"step{step}", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(run / f"step{step}").float().eval()  # (dtype= needs transformers 4.56)
     tok = AutoTokenizer.from_pretrained(run / f"step{step}")
     return held_out_loss(model, tok, heldout, seq_len=DEMO.context, batch_size=64)["loss"]
 
@@ -225,7 +225,7 @@ def test_demo_numbers_are_the_sweep_tables_and_match_independent_oracles(demo_ru
 
     # Independent oracles: the model from its folder, and fp64 averages loaded into it by hand.
     data = out / "data" / "heldout.jsonl"
-    model = AutoModelForCausalLM.from_pretrained(demo_run / "step300", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(demo_run / "step300").float().eval()
     tok = AutoTokenizer.from_pretrained(demo_run / "step300")
     torch.set_num_threads(DEMO.threads)
 
