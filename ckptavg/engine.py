@@ -279,16 +279,9 @@ def stream(
                     continue
                 st = state(info, produced)
                 produced += 1
-                st.reset(n)
-                for i in active:
-                    raw = next(reads)
-                    if on_bytes:
-                        on_bytes(raw.nbytes)
-                    st.add(raw, info.dtype, 1.0 if uniform else weights[i])
-                if allow_nonfinite or st.finite():
-                    values = st.emit(out_dt, narrowing=cast, checked=True)
-                else:
-                    values = exact(info, start, n, cast)
+                raws = (next(reads) for _ in active)
+                values = _average_chunk(st, raws, [1.0 if uniform else weights[i] for i in active], info, n, out_dt,
+                                        cast, allow_nonfinite, on_bytes, partial(exact, info, start, n, cast))
                 out.write(info.name, start, values)
         out.flush()
 
@@ -322,23 +315,32 @@ def _stream_parallel(
         out_dt = out_dtypes[info.name]
         cast = info.name if narrows(info.dtype, out_dt) else ""
         st = state(acc)
-        st.reset(n)
         with np.errstate(over="ignore", invalid="ignore"):
-            for i in active:
-                raw = readers[i].read(info.name, start, n)
-                if on_bytes:
-                    on_bytes(raw.nbytes)
-                st.add(raw, info.dtype, 1.0 if uniform else weights[i])
-            if allow_nonfinite or st.finite():
-                values = st.emit(out_dt, narrowing=cast, checked=True)
-            else:
-                values = _exact(readers, active, weights, uniform, info, start, n, out_dt, cast)
+            raws = (readers[i].read(info.name, start, n) for i in active)
+            values = _average_chunk(st, raws, [1.0 if uniform else weights[i] for i in active], info, n, out_dt, cast,
+                                    allow_nonfinite, on_bytes,
+                                    partial(_exact, readers, active, weights, uniform, info, start, n, out_dt, cast))
         sink.write(info.name, start, values.copy() if np.shares_memory(values, st.sum) else values)
 
     tasks = (partial(work, info, start, n) for info in plan for start, n in spans(info.numel, chunk))
     with ThreadPoolExecutor(threads, thread_name_prefix="ckptavg-work") as pool:
         for _ in prefetch(tasks, pool, 2 * threads):
             pass
+
+
+def _average_chunk(st: RunningAverage, raws: Iterable[np.ndarray], weights: Sequence[float], info: TensorInfo,
+                   n: int, out_dt: DType, cast: str, allow_nonfinite: bool,
+                   on_bytes: Callable[[int], object] | None, exact: Callable[[], np.ndarray]) -> np.ndarray:
+    """One chunk: every input's raw values (``raws``, in ``weights``' order) added into ``st``, then
+    the average in ``out_dt``; ``exact()`` redoes it in fp64 when the sum is not finite."""
+    st.reset(n)
+    for raw, w in zip(raws, weights):
+        if on_bytes:
+            on_bytes(raw.nbytes)
+        st.add(raw, info.dtype, w)
+    if allow_nonfinite or st.finite():
+        return st.emit(out_dt, narrowing=cast, checked=True)
+    return exact()
 
 
 def _exact(readers: Sequence[CheckpointReader], active: Sequence[int], weights: Sequence[float], uniform: bool,
