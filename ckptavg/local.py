@@ -35,6 +35,7 @@ from pathlib import Path
 from .errors import CheckpointError, UsageError
 from .io.files import load_json, not_regular
 from .io.layout import (
+    ADAPTER_WEIGHTS,
     CONFIG_FILES,
     DCP_METADATA,
     STANDARD_WEIGHTS,
@@ -42,6 +43,7 @@ from .io.layout import (
     format_of,
     is_dcp,
     is_weight_file,
+    no_weights_reason,
     pick_weights,
     read_index,
     read_tensors,
@@ -146,6 +148,11 @@ def find_weights(d: Path) -> tuple[str, list[Path], Path | None] | None:
     names = _plain_files(d)
     if is_dcp(names):  # .metadata first (what is opened), then the shards (sizes, fingerprints, --hash)
         return "dcp", [d / DCP_METADATA, *(d / n for n in sorted(names) if n.endswith(".distcp"))], None
+    from .io.zero import find_zero
+
+    zero = find_zero(d, names)  # DeepSpeed ZeRO 1-3: model + optimizer states (the fp32 master weights)
+    if zero is not None:
+        return "zero", [d / n for n in zero], None
     found = pick_weights(names, lambda name: read_index(d / name), str(d))
     if found is not None:
         return found.format, [d / f for f in found.files], (d / found.index if found.index else None)
@@ -157,8 +164,19 @@ def find_weights(d: Path) -> tuple[str, list[Path], Path | None] | None:
     if len(ranks) == 1:
         return find_weights(ranks[0])
     if len(ranks) > 1:
-        raise CheckpointError(f"{d}: {len(ranks)} tensor-parallel ranks; consolidate them into one checkpoint first")
+        raise CheckpointError(f"{d}: {len(ranks)} tensor-parallel ranks ({ranks[0].name} … {ranks[-1].name}), each a "
+                              "slice of the model, which ckptavg does not average rank by rank: save with Megatron's "
+                              "--ckpt-format torch_dist (read whole, any tensor-parallel size) or convert to one rank "
+                              "with Megatron's checkpoint converter first")
     return None
+
+
+def why_no_weights(d: Path) -> str:
+    """What folder ``d`` holds instead of weights, in one clause (see :func:`no_weights_reason`)."""
+    names = _plain_files(d)
+    subdirs = [c for c in _listdir(d) if _is_dir(c)]
+    dcp = [c.name for c in subdirs if any(n.endswith(".distcp") for n in os.listdir(c))]
+    return no_weights_reason(names, [c.name for c in subdirs], dcp)
 
 
 def _trainer_step(d: Path) -> int | None:
@@ -253,7 +271,7 @@ def _single(path: Path, step: int | None, key: str | None = None) -> Checkpoint 
 
 
 def _has_standard_weights(d: Path) -> bool:
-    return any((d / n).is_file() for n in STANDARD_WEIGHTS)
+    return any((d / n).is_file() for n in (*STANDARD_WEIGHTS, *ADAPTER_WEIGHTS))
 
 
 def _looks_like_run(d: Path) -> bool:
@@ -298,11 +316,53 @@ def _dcp_skipped(ckpts: list[Checkpoint]) -> tuple[str, ...]:
     return (f"{newest.files[0].parent}: DCP entries that are not the model, not averaged: {what}",)
 
 
+def _zero_source(ckpts: list[Checkpoint]) -> tuple[str, ...]:
+    """Which weights of the newest DeepSpeed checkpoint are averaged, for ``list``."""
+    newest = max(ckpts, key=lambda c: c.step) if ckpts else None
+    if newest is None or not newest.files:
+        return ()
+    from .io.zero import MODEL_STATES, describe
+
+    if newest.format == "zero":
+        return (f"{newest.location}: {describe(newest.files[0])}",)
+    if newest.format == "torch" and MODEL_STATES.match(newest.files[0].name):
+        return (f"{newest.location}: DeepSpeed model states without optimizer states: averaging the module weights "
+                "as saved (a bf16/fp16 model copy when trained in mixed precision), not the fp32 master weights",)
+    return ()
+
+
 _FINAL = "the final weights (trainer.save_model()) beside the step checkpoints, not a step"
 _LAST = "Lightning's copy of the newest checkpoint (save_last), not a step"
 
 
-def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | None = None) -> Trajectory:
+def _accelerate_steps(ckpts: list[Checkpoint], steps_per_save: int | None) -> list[Checkpoint]:
+    """accelerate ``save_state`` children (``checkpoint_N/``: N counts saves) with their real training
+    step where the folder records one (see :mod:`ckptavg.io.accelerate`), else marked as save indices;
+    ``steps_per_save`` makes save N step (N + 1) × steps_per_save."""
+    from dataclasses import replace
+
+    from .io.accelerate import SAVE_INDEX, is_save_state, save_index, saved_step
+
+    saves = {id(c): save_index(Path(c.location).name) for c in ckpts}
+    names = {id(c): _plain_files(Path(c.location)) for c in ckpts if saves[id(c)] is not None}
+    if not ckpts or any(saves[id(c)] is None or not is_save_state(names[id(c)]) for c in ckpts):
+        if steps_per_save is not None:
+            raise UsageError("--steps-per-save applies to accelerate save_state runs (checkpoint_0/, checkpoint_1/ … "
+                             "beside optimizer.bin), whose names count saves")
+        return ckpts
+    if steps_per_save is not None:
+        if steps_per_save < 1:
+            raise UsageError(f"--steps-per-save must be at least 1, got {steps_per_save}")
+        return [replace(c, step=(saves[id(c)] + 1) * steps_per_save,  # type: ignore[operator]
+                        step_from=f"--steps-per-save {steps_per_save}") for c in ckpts]
+    found = [saved_step(Path(c.location), names[id(c)]) for c in ckpts]
+    if all(f is not None for f in found) and len({f[0] for f in found if f is not None}) == len(found):
+        return [replace(c, step=f[0], step_from=f[1]) for c, f in zip(ckpts, found) if f is not None]
+    return [replace(c, step_from=SAVE_INDEX) for c in ckpts]
+
+
+def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | None = None,
+             steps_per_save: int | None = None) -> Trajectory:
     """Find the checkpoints of a local run (:func:`ckptavg.discover` also takes ``hf://``).
 
     Args:
@@ -312,6 +372,9 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | Non
         key: ``.bin``/``.pt`` only: where the state dict sits in each file, dotted for nesting
             (``"model.ema"``); default: a plain state dict, or one under a known key (``model``,
             ``state_dict``, ``module`` …).
+        steps_per_save: accelerate ``save_state`` runs only: training steps between saves, so that
+            ``checkpoint_N`` is step (N + 1) × it (default: the step recorded in the folder, else N,
+            marked as a save index).
 
     Returns:
         A Trajectory sorted by step.
@@ -337,7 +400,7 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | Non
             or (not standard and not _looks_like_run(root) and find_weights(root)):
         ckpt = _single(root, None, key)
         assert ckpt is not None
-        return Trajectory(name, (ckpt,), str(root), _dcp_skipped([ckpt]))
+        return Trajectory(name, (ckpt,), str(root), _dcp_skipped([ckpt]) + _zero_source([ckpt]))
     ignored: tuple[str, ...] = ()
     if standard:  # HF Trainer's output_dir after save_model(): checkpoint-N/ children and the final model on top
         top = find_weights(root)
@@ -358,7 +421,8 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | Non
             ckpt = _single(child, step, key)
             if ckpt is None:
                 if known:
-                    raise CheckpointError(f"{child}: looks like a checkpoint (step {step}) but holds no weight files")
+                    raise CheckpointError(f"{child}: looks like a checkpoint (step {step}) but holds no weight "
+                                          f"files: {why_no_weights(child)}")
                 continue
             ckpts.append(ckpt)
         elif step is not None and is_weight_file(child.name):
@@ -366,12 +430,16 @@ def discover(path: str | os.PathLike[str], *, check: bool = True, key: str | Non
             assert ckpt is not None
             ckpts.append(ckpt)
     if not ckpts:
+        found = why_no_weights(root)
         raise CheckpointError(
             f"{root}: no checkpoints found (expected children like step1000/, checkpoint-500/, "
-            "ckpt_3000.pt, or weight files in the folder itself)"
+            "ckpt_3000.pt, or weight files in the folder itself)" + ("" if found.startswith("found ") or
+                                                                       found == "it is empty" else f"; it holds {found}")
         )
+    ckpts = _accelerate_steps(ckpts, steps_per_save)
     _refuse_placeholders_across(ckpts)
-    traj = Trajectory(name, tuple(ckpts), str(root), ignored + _dcp_skipped(sorted(ckpts, key=lambda c: c.step)))
+    traj = Trajectory(name, tuple(ckpts), str(root), ignored + _dcp_skipped(sorted(ckpts, key=lambda c: c.step))
+                      + _zero_source(ckpts))
     if check:
         check_compatible(traj)
     return traj

@@ -23,7 +23,8 @@ def canonical(path: str | os.PathLike[str]) -> str:
 
 
 def discover(
-    path: str | os.PathLike[str], *, check: bool = True, step_pattern: str | None = None, key: str | None = None
+    path: str | os.PathLike[str], *, check: bool = True, step_pattern: str | None = None, key: str | None = None,
+    steps_per_save: int | None = None,
 ) -> Trajectory:
     """Find the checkpoints of a run, reading headers or Hub metadata only.
 
@@ -38,6 +39,8 @@ def discover(
             nesting (``"model.ema"``); default: a plain state dict or one under ``model``,
             ``state_dict``, ``module`` … (a file whose tensors do not look like a model is refused,
             listing its keys).
+        steps_per_save: accelerate ``save_state`` runs: training steps per save (their
+            ``checkpoint_N`` names count saves); see :func:`ckptavg.local.discover`.
 
     Returns:
         A Trajectory sorted by step.
@@ -55,6 +58,8 @@ def discover(
     if is_hub(path):
         from . import hub
 
+        if steps_per_save is not None:
+            raise UsageError(f"{path}: --steps-per-save applies to local accelerate save_state runs only")
         traj = hub.discover(str(path), step_pattern=step_pattern or hub.DEFAULT_STEP_PATTERN)
         if key is None:
             return traj
@@ -66,7 +71,7 @@ def discover(
         raise UsageError(f"{path}: --step-pattern applies to hf:// trajectories only")
     from . import local
 
-    return local.discover(path, check=check, key=key)
+    return local.discover(path, check=check, key=key, steps_per_save=steps_per_save)
 
 
 def materialise(

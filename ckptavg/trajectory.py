@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
-from .errors import IncompatibleError, SelectionError
+from .errors import IncompatibleError, MethodError, SelectionError
 
 if TYPE_CHECKING:
     from .io.safetensors import TensorInfo
@@ -75,6 +75,14 @@ class Checkpoint:
     size: int = 0  # bytes of weight files
     source: HubSource | None = field(default=None, compare=False, repr=False)
     key: str | None = None
+    # Where ``step`` came from when not the name: "optimizer.bin", "custom_checkpoint_0.pkl" (accelerate
+    # save_state), "save index" (accelerate's checkpoint_N counts saves: no step recorded anywhere)
+    step_from: str | None = field(default=None, compare=False)
+
+    @property
+    def counts_saves(self) -> bool:
+        """``step`` is a save counter, not a training step (step-based weightings would be wrong)."""
+        return self.step_from == "save index"
 
     def __str__(self) -> str:
         return f"step {self.step} ({self.location})"
@@ -177,6 +185,25 @@ class Trajectory(Sequence[Checkpoint]):
         return self._with(self.at(s) for s in sorted(set(steps)))
 
 
+_STEP_DISTANCES = {"half_life": "--half-life", "half_life_tokens": "--half-life-tokens", "sigma_rel": "--sigma-rel"}
+
+
+def check_step_units(checkpoints: Iterable[Checkpoint], params: Mapping[str, object]) -> None:
+    """Refuse a weighting that measures distances in training steps on checkpoints whose steps are
+    save counters (accelerate's ``checkpoint_N`` with no step recorded): ``ema --half-life`` would
+    count saves as steps, a half-life wrong by the save interval, and nothing would say so.
+
+    Raises:
+        MethodError: naming the checkpoint and the flag, and what to pass instead.
+    """
+    used = [flag for k, flag in _STEP_DISTANCES.items() if params.get(k) is not None]
+    saves = next((c for c in checkpoints if c.counts_saves), None)
+    if used and saves is not None:
+        raise MethodError(f"{saves.location}: its step is a save index (accelerate's checkpoint_N counts saves and "
+                          f"the folder records no training step), so {used[0]} would count saves as steps; pass "
+                          "--steps-per-save N (training steps between saves), or weigh by checkpoint (--decay, --window)")
+
+
 def check_compatible(checkpoints: Iterable[Checkpoint]) -> None:
     """Every checkpoint whose tensors are known has the newest one's tensor names, shapes and dtypes.
 
@@ -215,4 +242,4 @@ def check_compatible(checkpoints: Iterable[Checkpoint]) -> None:
                 )
 
 
-__all__ = ["HUB_PREFIX", "Checkpoint", "HubFile", "HubSource", "Trajectory", "check_compatible"]
+__all__ = ["HUB_PREFIX", "Checkpoint", "HubFile", "HubSource", "Trajectory", "check_compatible", "check_step_units"]

@@ -159,10 +159,11 @@ def test_the_usual_trainer_layouts_need_no_key(tmp_path, base_state_dict, layout
     _assert_mean(out, states)
 
 
-def _zero3_model_states(path: Path, sd: dict[str, torch.Tensor], step: int) -> None:
+def _zero3_model_states(path: Path, sd: dict[str, torch.Tensor], step: int, optim: bool = False) -> None:
     """``zero_pp_rank_0_mp_rank_00_model_states.pt`` with the keys and types DeepSpeed 0.19.8's
     ``save_checkpoint`` writes under ZeRO-3 (inspected from a real CPU run): ``module`` holds 0-element
-    placeholders, the real shapes are in ``param_shapes`` (a list of dicts, one per param group)."""
+    placeholders, the real shapes are in ``param_shapes`` (a list of dicts, one per param group).
+    ``optim``: an optimizer-state file beside it that holds the weights but says no ZeRO stage."""
     from collections import OrderedDict
 
     path.mkdir(parents=True)
@@ -176,11 +177,23 @@ def _zero3_model_states(path: Path, sd: dict[str, torch.Tensor], step: int) -> N
         "ds_config": {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}, "ds_version": "0.19.8",
     }, path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     flat = torch.cat([v.reshape(-1).float() for v in sd.values()])  # where ZeRO-3 really keeps the weights
-    torch.save({"optimizer_state_dict": {"fp32_flat_groups": [flat]}, "ds_version": "0.19.8"},
-               path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    if optim:
+        torch.save({"optimizer_state_dict": {"fp32_flat_groups": [flat]}, "ds_version": "0.19.8"},
+                   path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 
 
-def test_deepspeed_zero3_placeholders_are_refused(tmp_path, base_state_dict):
+def test_deepspeed_zero3_placeholders_beside_optimizer_states_without_a_stage_are_refused(tmp_path, base_state_dict):
+    """Optimizer states that say no ZeRO stage (DeepSpeed's stage-0 bf16 optimizer) are not read as
+    ZeRO partitions: the model-states file is read as saved, and its placeholders are refused."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    for i, s in enumerate(STEPS):
+        _zero3_model_states(run / f"global_step{s}", _sd(base_state_dict, i), s, optim=True)
+    f = run / "global_step1" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    _refused(_merge(run, "-o", out), 1, f"{f}: tensor", "DeepSpeed ZeRO-3 placeholder")
+    _nothing_written(out)
+
+
+def test_deepspeed_zero3_placeholders_without_optimizer_states_are_refused(tmp_path, base_state_dict):
     run, out = tmp_path / "run", tmp_path / "out"
     for i, s in enumerate(STEPS):
         _zero3_model_states(run / f"global_step{s}", _sd(base_state_dict, i), s)
@@ -204,7 +217,7 @@ DS_TRAIN = textwrap.dedent("""
     cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
            "zero_allow_untested_optimizer": True, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    for step in (1, 2):
+    for step in (1, 2, 3):
         engine.backward(engine(torch.randn(2, 8)).pow(2).mean())
         engine.step()
         engine.save_checkpoint(sys.argv[1], tag=f"global_step{step}")
@@ -212,13 +225,26 @@ DS_TRAIN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_real_deepspeed_zero3_checkpoint_is_refused(tmp_path):
+def test_real_deepspeed_zero3_checkpoint_without_its_optimizer_states_is_refused(tmp_path):
+    """With its optimizer states a real ZeRO-3 run averages the fp32 master weights (equal to DeepSpeed's
+    own consolidation; tests/test_tools_deepspeed.py covers every stage); without them it is refused."""
     pytest.importorskip("deepspeed")
     run = tmp_path / "ds"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
     r = subprocess.run([sys.executable, "-c", DS_TRAIN, str(run), str(29500 + os.getpid() % 400)], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    r = _merge(run, "--window", "2", "-o", tmp_path / "avg")
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    states = [{k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(run), tag=f"global_step{s}").items()}
+              for s in (2, 3)]
+    got = _read_output(tmp_path / "avg")
+    for k, t in got.items():
+        torch.testing.assert_close(t, (states[0][k].double() + states[1][k].double()).div(2).float(), rtol=1e-6, atol=0)
+    for f in run.glob("global_step*/*_optim_states.pt"):
+        f.unlink()
     f = run / "global_step1" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     _refused(_merge(run, "-o", tmp_path / "out"), 1, f"{f}: tensor '0.weight' is empty", "DeepSpeed ZeRO-3 placeholder")
     _nothing_written(tmp_path / "out")
@@ -248,6 +274,39 @@ def test_empty_tensors_where_data_is_expected_are_refused(tmp_path, base_state_d
         write_checkpoint(run, s, make(base_state_dict, s, i), fmt)
     _refused(_merge(run, "-o", out), 1, f"{run / fname}: tensor '", fragment, "DeepSpeed ZeRO-3 placeholder")
     _nothing_written(out)
+
+
+def _megatron_like(sd: dict[str, torch.Tensor], step: int, extra: dict) -> dict:
+    """What megatron/training's generate_state_dict puts beside the model (--ckpt-format torch)."""
+    import argparse
+    import io
+    import random
+
+    import numpy as np
+
+    return {"args": argparse.Namespace(iteration=step, lr=1e-3, params_dtype=torch.bfloat16),
+            "checkpoint_version": 3.0, "iteration": step, "model": {**sd, "layer._extra_state": io.BytesIO(b"te")},
+            "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                           "torch_rng_state": torch.get_rng_state()}], **extra}
+
+
+def test_megatron_records_load_but_object_arrays_are_refused(tmp_path, base_state_dict):
+    """numpy's RNG state (a uint32 array) and Transformer Engine's BytesIO load through the allow-list;
+    a numpy object array, which would unpickle arbitrary objects, is still refused in one line."""
+    import numpy as np
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    states = [_sd(base_state_dict, i) for i in range(len(STEPS))]
+    for s, sd in zip(STEPS, states):
+        (run / f"iter_{s:07d}" / "mp_rank_00").mkdir(parents=True)
+        torch.save(_megatron_like(sd, s, {}), run / f"iter_{s:07d}" / "mp_rank_00" / "model_optim_rng.pt")
+    r = _merge(run, "-o", out)
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    _assert_mean(out, states)
+    f = run / f"iter_{STEPS[1]:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    torch.save(_megatron_like(states[1], STEPS[1], {"odd": np.array([1, "x"], dtype=object)}), f)
+    _refused(_merge(run, "-o", tmp_path / "out2"), 1, f"{f}: not a readable torch checkpoint", "ObjectDType")
+    _nothing_written(tmp_path / "out2")
 
 
 # B. Hangs and crashes become one-line errors ---------------------------------------------------

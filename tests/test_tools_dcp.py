@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from ckptavg import discover
 from ckptavg.cli import cli
 from ckptavg.errors import CheckpointError
+from ckptavg.io.dcp import DcpFile
 from conftest import tiny_config
 
 STEPS = [1, 2, 3, 4]
@@ -244,3 +246,135 @@ def test_sharded_across_two_ranks(tmp_path: Path) -> None:
         want = (sum(loaded[s]["model"][n].double() for s in STEPS[-3:]) / 3).to(t.dtype)
         torch.testing.assert_close(got[n], want, rtol=0 if t.dtype == torch.bfloat16 else 1e-6,
                                    atol=0 if t.dtype == torch.bfloat16 else 1e-7, msg=n)
+
+
+# --- chunk-wise reads: elements are pread from the .distcp files, never through torch's DCP load ---
+
+def _storage_values(t: torch.Tensor) -> np.ndarray:
+    """``t``'s elements, flattened, as the raw storage values ``DcpFile.read`` returns."""
+    flat = t.detach().reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else flat.numpy()
+
+
+def _read_in_chunks(f: DcpFile, name: str, size: int) -> np.ndarray:
+    info = f.tensors[name]
+    return np.concatenate([f.read(info, i, min(size, info.numel - i)) for i in range(0, info.numel, size)])
+
+
+def _no_torch_load(*args: object, **kwargs: object) -> None:
+    raise AssertionError("torch's DCP load was called: the chunk was not read with pread")
+
+
+def test_chunks_are_pread_not_loaded_through_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    g = torch.Generator().manual_seed(0)
+    for step in (1, 2):
+        _save({"model": {"w": torch.randn(37, 41, generator=g), "b": torch.randn(5, generator=g).bfloat16(),
+                         "s": torch.tensor(float(step))},
+               "optim": {"m": torch.ones(3)}}, run / f"step-{step}")
+    want = {s: {"model": {"w": torch.zeros(37, 41), "b": torch.zeros(5, dtype=torch.bfloat16),
+                          "s": torch.zeros(())}} for s in (1, 2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in (1, 2):  # the oracle: what dcp.load gives, before it is made to fail
+            dcp.load(want[s], checkpoint_id=run / f"step-{s}", no_dist=True)
+    monkeypatch.setattr(dcp, "load", _no_torch_load)
+    f = DcpFile(run / "step-2" / ".metadata")
+    for name, t in want[2]["model"].items():
+        for size in (1, 7, 1000):
+            assert np.array_equal(_read_in_chunks(f, name, size), _storage_values(t)), (name, size)
+    f.close()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["merge", str(run), "--window", "2", "-o", str(out), "-q",
+                                      "--accumulate", "float64"])
+    assert result.exit_code == 0, result.output
+    got = load_file(out / "model.safetensors")
+    for name, t in want[2]["model"].items():
+        mean = ((want[1]["model"][name].double() + t.double()) / 2).to(t.dtype)
+        torch.testing.assert_close(got[name], mean, rtol=0, atol=0, msg=name)
+
+
+def test_a_chunk_not_readable_in_place_is_read_by_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dcp.save keeps a transposed view as it is (a strided blob): no run of its elements lies in
+    order in the file, so torch's reader loads that tensor whole, once, with the same elements."""
+    g = torch.Generator().manual_seed(1)
+    w, t = torch.randn(9, 5, generator=g), torch.randn(6, 4, generator=g).t()
+    _save({"model": {"w": w, "t": t}}, tmp_path / "c")
+    calls = []
+    load = dcp.load
+    monkeypatch.setattr(dcp, "load", lambda *a, **k: calls.append(1) or load(*a, **k))
+    f = DcpFile(tmp_path / "c" / ".metadata")
+    assert np.array_equal(_read_in_chunks(f, "w", 7), _storage_values(w)) and calls == []
+    assert np.array_equal(_read_in_chunks(f, "t", 7), _storage_values(t))
+    assert calls == [1]  # one whole-tensor load, shared by the 4 chunk reads
+
+
+def _tp_full() -> dict[str, torch.Tensor]:
+    """Odd sizes, so the shards are uneven."""
+    g = torch.Generator().manual_seed(0)
+    return {"fsdp": torch.randn(7, 5, generator=g), "row_col": torch.randn(9, 7, generator=g),
+            "col": torch.randn(6, 9, generator=g), "col_col": torch.randn(5, 11, generator=g),
+            "mid_last": torch.randn(3, 5, 7, generator=g), "last_first": torch.randn(4, 6, 10, generator=g).bfloat16(),
+            "vector": torch.randn(11, generator=g)}
+
+
+def _tp_placements() -> dict[str, list[object]]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    # FSDP/torchtitan: dim 0; tensor parallel (Megatron torch_dist): dim 1, or both; 3-d: inner dims
+    return {"fsdp": [Shard(0), Replicate()], "row_col": [Shard(0), Shard(1)], "col": [Shard(1), Replicate()],
+            "col_col": [Shard(1), Shard(1)], "mid_last": [Shard(1), Shard(2)], "last_first": [Shard(2), Shard(0)],
+            "vector": [Shard(0), Shard(0)]}
+
+
+def _tp_rank(rank: int, folder: str, init: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2))
+        places = _tp_placements()
+        dcp.save({"model": {n: distribute_tensor(t, mesh, places[n]) for n, t in _tp_full().items()}},
+                 checkpoint_id=folder)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_shards_along_any_dim_are_gathered_chunk_wise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.multiprocessing as mp
+
+    folder = tmp_path / "c"
+    mp.spawn(_tp_rank, args=(str(folder), f"file://{tmp_path / 'pg'}"), nprocs=4, join=True)
+    f = DcpFile(folder / ".metadata")
+    md = dcp.FileSystemReader(str(folder)).read_metadata()
+    for name, t in _tp_full().items():
+        assert len(md.state_dict_metadata[f"model.{name}"].chunks) in (2, 4), name  # really sharded
+        want = {"model": {name: torch.zeros_like(t)}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(want, checkpoint_id=folder, no_dist=True)  # the oracle: torch's own reassembly
+        torch.testing.assert_close(want["model"][name], t, rtol=0, atol=0)
+        with monkeypatch.context() as m:
+            m.setattr(dcp, "load", _no_torch_load)
+            for size in (1, 3, 7, 13, t.numel()):
+                assert np.array_equal(_read_in_chunks(f, name, size), _storage_values(want["model"][name])), \
+                    (name, size)
+
+
+def test_a_chunk_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    """The metadata names the file of each chunk: one outside the checkpoint's folder is not read."""
+    run = tmp_path / "run"
+    for step in (1, 2):
+        _save({"model": {"w": torch.ones(3) * step}}, run / f"step-{step}")
+    secret = tmp_path / "secret.distcp"
+    secret.write_bytes((run / "step-2" / "__0_0.distcp").read_bytes())
+    md = dcp.FileSystemReader(str(run / "step-2")).read_metadata()  # the test's own file
+    for where in md.storage_data.values():
+        where.relative_path = "../../secret.distcp"
+    (run / "step-2" / ".metadata").write_bytes(pickle.dumps(md))
+    result = CliRunner().invoke(cli, ["merge", str(run), "--window", "2", "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code != 0 and not (tmp_path / "out").exists()
+    assert "step-2/.metadata: a chunk is stored in '../../secret.distcp', outside this folder" in result.output

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..errors import CheckpointError, SelectionError, UsageError
+from ..errors import CheckpointError, MissingDependencyError, SelectionError, UsageError
+from ..peft import is_adapter
 from ..selection import Selection
 from ..trajectory import Trajectory
 from .tasks import require_transformers
@@ -102,6 +103,38 @@ def _load_tokenizer(source: str | os.PathLike[str], given: bool) -> PreTrainedTo
         if given:  # the user's --tokenizer is wrong, not the checkpoint
             raise UsageError(f"{source}: cannot load a tokenizer ({first})") from None
         raise CheckpointError(f"{source}: cannot load a tokenizer ({first}); pass --tokenizer NAME_OR_PATH") from None
+
+
+def _adapter_base(c: Checkpoint) -> Path:
+    """The local base model folder a PEFT adapter names (``base_model_name_or_path``)."""
+    from ..peft import adapter_config
+
+    cfg = adapter_config(c)
+    base = cfg.get("base_model_name_or_path")
+    if not isinstance(base, str) or not Path(base).is_dir():
+        raise CheckpointError(f"{c.location}: adapter_config.json's base_model_name_or_path ({base!r}) is not a local "
+                              "folder; eval loads the base from there (set it to the base model's folder)")
+    return Path(base).resolve()
+
+
+def _has_tokenizer(d: Path | None) -> bool:
+    return d is not None and any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def _with_adapter(model: Any, c: Checkpoint, state: dict[str, Any]) -> Any:
+    """``model`` with the adapter ``state`` (PEFT's own names) loaded through PEFT and merged into its weights."""
+    try:
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    except ImportError as e:
+        raise MissingDependencyError(f"scoring a PEFT adapter needs peft (missing module {e.name!r}): "
+                                     "pip install peft") from None
+    assert c.config_dir is not None
+    peft_model = get_peft_model(model, PeftConfig.from_pretrained(str(c.config_dir)))
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise CheckpointError(f"{c.location}: adapter tensor {unexpected[0]!r} fits no module of the base model")
+    return peft_model.merge_and_unload()
 
 
 def load_model(
@@ -206,7 +239,8 @@ def load_model(
         # hf:// revisions become files in the HF cache here, so the newest one's config.json is local.
         ckpts = materialise(ckpts, allow_duplicates=allow_duplicates, progress=progress)
         newest = ckpts[-1]
-        config_dir = newest.config_dir
+        adapter = is_adapter(newest)  # a PEFT adapter: the model is its base, with the (averaged) adapter merged in
+        config_dir = _adapter_base(newest) if adapter else newest.config_dir
         if config_dir is None or not (config_dir / "config.json").is_file():
             raise CheckpointError(
                 f"{newest.location}: no config.json beside the weights; eval builds the model from it "
@@ -219,16 +253,29 @@ def load_model(
                 f"{config_dir / 'config.json'}: model_type {config.model_type!r} has no causal-LM class in transformers"
             )
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        tok_src = tokenizer or config_dir
+        adapter_tok = newest.config_dir if adapter and _has_tokenizer(newest.config_dir) else None
+        tok_src = tokenizer or adapter_tok or config_dir
         tok = _load_tokenizer(tok_src, tokenizer is not None)
         state = average(Trajectory(traj.name, tuple(ckpts), traj.root), method=method, weights=weights, decay=decay,
                         half_life=half_life, allow_duplicates=allow_duplicates, progress=progress, **method_params)
         record = state.manifest
-        loaded = cls.from_pretrained(None, config=config, state_dict=dict(state), **_dtype_kwarg(torch_dtype),
-                                     output_loading_info=True)
-        model, info = loaded
+        if adapter:
+            loaded = cls.from_pretrained(config_dir, **_dtype_kwarg(torch_dtype), output_loading_info=True,
+                                         trust_remote_code=False)
+            model, info = loaded
+            _check_loaded(model, info, str(config_dir))
+            model = _with_adapter(model, newest, dict(state))
+        else:
+            from ..keys import strip_plan
+
+            strip = strip_plan(list(state), config_dir)  # module./_orig_mod./model. wrappers: the config's names
+            weights_in = {k[len(strip[0]):]: v for k, v in state.items()} if strip else dict(state)
+            loaded = cls.from_pretrained(None, config=config, state_dict=weights_in, **_dtype_kwarg(torch_dtype),
+                                         output_loading_info=True)
+            del weights_in
+            model, info = loaded
+            _check_loaded(model, info, newest.location)
         del state  # only the model should keep the averaged tensors alive from here on
-        _check_loaded(model, info, newest.location)
         loaded_from = "memory"
     model = model.to(device).eval()
     provenance = {

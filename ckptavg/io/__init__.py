@@ -6,8 +6,10 @@
 - :mod:`.layout`: which files of a folder are the weights, index files, shard checks;
 - :mod:`.safetensors`, :mod:`.torchfile`: one reader per format (``pread``, never a mapping);
 - :mod:`.dcp`: ``torch.distributed.checkpoint`` folders, one tensor at a time through torch's reader;
+- :mod:`.zero`: DeepSpeed ZeRO 1/2/3 folders, the fp32 master weights read from the optimizer states;
 - :mod:`.readers`: all the files of one checkpoint behind one ``read(name, start, count)``;
 - :mod:`.sinks`: where averaged chunks go (a safetensors folder, written atomically, or memory).
+- :mod:`.formats`: outputs in the input's own shape (nanoGPT ``ckpt.pt``, Lightning ``.ckpt``, DCP).
 - :mod:`.lock`: who is writing an output (its lock file; temporaries named after host and pid).
 """
 

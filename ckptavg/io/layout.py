@@ -47,8 +47,37 @@ NOT_WEIGHTS = re.compile(r"^(?!model_optim_rng\.).*(optim|scheduler|rng_state|tr
 CONFIG_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-    "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+    "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json", "adapter_config.json",
 )
+# PEFT's adapter weights (beside adapter_config.json); an average of adapters is written under the same stem
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def code_files(folder: Path) -> list[str]:
+    """The ``.py`` files of ``folder`` that its ``config.json`` / ``tokenizer_config.json`` ``auto_map``
+    names (``"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"`` → ``modeling_tiny.py``): copied
+    beside an average so that ``from_pretrained(out, trust_remote_code=True)`` finds them. Entries in
+    another repo (``"org/repo--modeling_x.Cls"``) and files that are not there are left out."""
+    found: list[str] = []
+    for cfg_name in ("config.json", "tokenizer_config.json"):
+        try:
+            cfg = parse_json(read_regular(folder / cfg_name, JSON_LIMIT, cfg_name), folder / cfg_name, cfg_name)
+        except (OSError, CheckpointError):
+            continue
+        auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
+                for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r and "." in r]
+        for ref in refs:
+            name = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
+            if "/" not in name and name not in found and (folder / name).is_file():
+                found.append(name)
+    return found
+
+
+def weights_stem(files: Sequence[str | os.PathLike[str]]) -> str:
+    """The output's weight-file stem for inputs whose newest weights are ``files``: ``adapter_model``
+    for a PEFT adapter (what ``PeftModel.from_pretrained`` opens), else ``model``."""
+    return "adapter_model" if len(files) == 1 and Path(files[0]).name in ADAPTER_WEIGHTS else "model"
 
 
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint: this file + __R_S.distcp shards
@@ -121,11 +150,72 @@ def pick_weights(
         if len(group) == 1:
             return WeightSet(fmt, (group[0],))
         if len(group) > 1:
+            if all(_LIGHTNING_NAME.search(n) for n in group):  # a folder of Lightning saves is a run, not shards
+                raise CheckpointError(f"{where}: {len(group)} Lightning checkpoints ({_some(group, 2)}) in one "
+                                      "checkpoint folder; give the folder holding them as the run, or one of them")
             raise CheckpointError(
                 f"{where}: several weight files and no index ({', '.join(group[:4])}); "
                 "point at one file or add an index.json"
             )
     return None
+
+
+_ZERO = re.compile(r"^(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$|_optim_states\.pt$")
+_LIGHTNING_NAME = re.compile(r"(?:^|[-_])(?:epoch|step)=\d+", re.I)
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT: the adapter's settings beside adapter_model.safetensors/.bin
+
+
+def _some(names: Sequence[str], n: int = 3) -> str:
+    more = f", … ({len(names)} in all)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def no_weights_reason(names: Collection[str], subdirs: Collection[str] = (), dcp_subdirs: Collection[str] = ()) -> str:
+    """What a folder that holds no model weights holds instead, and what to do: one clause for the
+    message "…holds no weight files: <this>".
+
+    ``names`` are its plain files, ``subdirs`` its folders, ``dcp_subdirs`` those holding ``.distcp``
+    shards. Recognised: DCP shards without their
+    ``.metadata`` (or one level down), DeepSpeed ZeRO optimizer shards without ``*_model_states.pt``,
+    an accelerate ``save_state`` folder without the model, a PEFT ``adapter_config.json`` without
+    the adapter's weights, Lightning ``.ckpt`` names, pickles; else the first names found.
+
+    >>> no_weights_reason(["optimizer.bin", "scheduler.bin", "random_states_0.pkl"])[:47]
+    'only training state (optimizer.bin, random_stat'
+    """
+    files = sorted(names)
+    distcp = [n for n in files if n.endswith(".distcp")]
+    if distcp:
+        if DCP_METADATA not in files:
+            return (f"torch.distributed.checkpoint shards ({_some(distcp, 2)}) but no {DCP_METADATA}, "
+                    "which DCP needs to read them: copy the checkpoint's .metadata file beside them")
+        return f"a torch.distributed.checkpoint ({DCP_METADATA} + {_some(distcp, 2)}) that could not be read"
+    zero = [n for n in files if _ZERO.search(n)]
+    if zero:
+        return (f"DeepSpeed ZeRO optimizer shards ({_some(zero, 2)}) and no *_model_states.pt: the weights are "
+                "partitioned inside them; consolidate with the zero_to_fp32.py script DeepSpeed saved in the run "
+                "folder (python zero_to_fp32.py RUN OUT), then average OUT")
+    if ADAPTER_CONFIG in files:
+        return (f"a PEFT {ADAPTER_CONFIG} but no adapter_model.safetensors or adapter_model.bin: the adapter's "
+                "weights were not saved here (save_pretrained writes both)")
+    ckpt = [n for n in files if n.lower().endswith(".ckpt")]
+    if ckpt:
+        return f"Lightning checkpoints ({_some(ckpt, 2)}): give the folder holding them as the run"
+    state = [n for n in files if NOT_WEIGHTS.search(n) or n.endswith(".pkl")]
+    if state and len(state) == len([n for n in files if n.lower().endswith(WEIGHT_EXT + (".pkl",))]):
+        if "optimizer.bin" in files or any(n.startswith("random_states_") for n in files):
+            return (f"only training state ({_some(state, 4)}): accelerate's save_state wrote no model here "
+                    "(model.safetensors or pytorch_model.bin); was the model passed to accelerator.prepare()?")
+        return f"only training state ({_some(state, 4)}), no model weights"
+    if dcp_subdirs:
+        d = sorted(dcp_subdirs)[0]
+        what = "optimizer state, not the model" if d.startswith("optimizer") else "not readable as the model"
+        return f"a torch.distributed.checkpoint one level down in {d}/ ({what})"
+    if not files and not subdirs:
+        return "it is empty"
+    shown = [*files, *(f"{d}/" for d in sorted(subdirs))]
+    return (f"found {_some(shown, 4)}; expected {', '.join(STANDARD_WEIGHTS[::2])}, a .pt/.bin/.ckpt state dict "
+            "or a DCP folder")
 
 
 def _no_duplicate_keys(path: object) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
@@ -229,7 +319,7 @@ def read_tensors(
             finally:
                 reader.close()
 
-    if fmt == "dcp":  # one DCP folder: its .metadata (files[0]) describes every shard beside it
+    if fmt in ("dcp", "zero"):  # one DCP or ZeRO folder: files[0] is opened, the rest is read through it
         files = files[:1]
     if len(files) == 1 and index is None:  # nothing to join: the header's own dict, not two copies of it
         reader = open_file(files[0], fmt, key)
@@ -256,7 +346,7 @@ def is_complete_output(folder: Path, files: Sequence[str]) -> bool:
 
 
 __all__ = [
-    "CONFIG_FILES", "DCP_METADATA", "NOT_WEIGHTS", "SAFETENSORS_EXT", "STANDARD_WEIGHTS", "TORCH_EXT", "WEIGHT_EXT", "WeightSet",
-    "format_of", "is_complete_output", "is_dcp", "is_weight_file", "join_shards", "parse_index", "pick_weights", "read_index",
-    "read_tensors", "shard_names", "write_index",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CONFIG_FILES", "DCP_METADATA", "code_files", "NOT_WEIGHTS", "SAFETENSORS_EXT", "STANDARD_WEIGHTS", "TORCH_EXT", "WEIGHT_EXT", "WeightSet",
+    "format_of", "is_complete_output", "is_dcp", "is_weight_file", "join_shards", "no_weights_reason", "parse_index", "pick_weights", "read_index",
+    "read_tensors", "shard_names", "weights_stem", "write_index",
 ]

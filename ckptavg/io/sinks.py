@@ -57,12 +57,18 @@ class SafetensorsDirSink:
     """
 
     def __init__(self, directory: Path, entries: Sequence[TensorInfo], max_shard_size: int | None = None,
-                 *, label: Path | None = None) -> None:
+                 *, label: Path | None = None, stem: str = "model", strip: str = "") -> None:
         self.directory = directory
         self.label = label or directory
+        self._strip = len(strip)  # a wrapper prefix every name loses in the file (ckptavg.keys); written under the rest
+        if strip:
+            entries = [TensorInfo(t.name[len(strip):], t.dtype, t.shape) for t in entries]
         self.nbytes = sum(t.nbytes for t in entries)  # what the weights need on disk, headers aside
         shards = plan_shards(entries, max_shard_size)
-        names = shard_names(len(shards))
+        if stem != "model" and len(shards) > 1:  # PEFT opens one adapter_model.safetensors, never shards
+            raise OutputError(f"{self.label}: a {stem}.safetensors cannot be sharded (PEFT loads one file); "
+                              "drop --max-shard-size")
+        names = shard_names(len(shards), stem)
         self.files = [directory / n for n in names]
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
@@ -87,6 +93,7 @@ class SafetensorsDirSink:
         return write_error(e, self.label / path.name, self.nbytes)
 
     def write(self, name: str, start: int, values: np.ndarray) -> None:
+        name = name[self._strip:]
         w = self._route[name]
         try:
             w.write(name, start, values)

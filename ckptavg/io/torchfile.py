@@ -10,7 +10,9 @@ gives a one-line error, not the SIGBUS a mapping would (views into a larger stor
 ``pread`` too and strided in numpy). Legacy pre-zip files are loaded into memory by torch.
 
 Besides tensors and plain containers, the pickle may hold only the records in
-:data:`SAFE_GLOBALS` (``argparse.Namespace``, Lightning's ``AttributeDict``), allowed through
+:data:`SAFE_GLOBALS` (``argparse.Namespace``, Lightning's ``AttributeDict``, DeepSpeed's stage
+enum, loss-scaler settings and fragment addresses, Megatron's enums in ``args``, numpy's random
+state, ``io.BytesIO``; each rebuilt as plain data, no trainer imported), allowed through
 torch's own safe-globals mechanism; any other global is refused, naming it.
 
 Which part of the pickle is the model (:func:`find_state_dict`): a plain dict of tensors; else the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
 import os
 import re
@@ -34,7 +37,7 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -66,15 +69,41 @@ def _unpickler_detail(e: BaseException) -> str:
     return _first_line(e)
 
 
+# numpy's array rebuilder: numpy.core in numpy 1.x, numpy._core in 2.x (the name a file holds is its writer's)
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+_NUMERIC_DTYPES = [type(np.dtype(c)) for c in "?bBhHiIlLqQefdFD"]  # bool, ints, floats, complex: never object
+
 # The only globals allowed beyond torch's own weights_only list: plain records that trainers pickle
 # beside the weights (Lightning's hyper_parameters, Megatron's args), rebuilt as inert data.
 # Lightning's AttributeDict (a dict with attribute access) is rebuilt as a plain dict: no Lightning
 # code is imported or run.
-SAFE_GLOBALS: dict[str, type] = {
+SAFE_GLOBALS: dict[str, Any] = {
     "argparse.Namespace": argparse.Namespace,
     "lightning.fabric.utilities.data.AttributeDict": dict,
     "lightning_fabric.utilities.data.AttributeDict": dict,
     "pytorch_lightning.utilities.parsing.AttributeDict": dict,
+    # DeepSpeed's optimizer-state files (ZeRO 1/2/3): the stage, an int enum, rebuilt as the int; the
+    # loss scaler's settings (cur_scale, dynamic …) and the bf16 optimizer's fragment addresses
+    # (numel, start) as attribute records. No DeepSpeed code is imported or run.
+    "deepspeed.runtime.zero.config.ZeroStageEnum": int,
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": argparse.Namespace,
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": argparse.Namespace,
+    "deepspeed.utils.tensor_fragment.fragment_address": argparse.Namespace,
+    # Megatron-LM's legacy model_optim_rng.pt: args.model_type and args.attention_backend are int enums
+    # (rebuilt as the int), rng_state holds numpy's random state (a uint32 array: numpy's own array
+    # rebuilding, as torch documents for weights_only), Transformer Engine's _extra_state is a BytesIO
+    "megatron.core.enums.ModelType": int,
+    "megatron.core.transformer.enums.AttnBackend": int,
+    "numpy.core.multiarray._reconstruct": _reconstruct,
+    "numpy._core.multiarray._reconstruct": _reconstruct,
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+    "_io.BytesIO": io.BytesIO,
+    # numeric dtypes only (never object arrays): a pickled dtype is rebuilt as one of these
+    **{f"{d.__module__}.{d.__name__}": d for d in _NUMERIC_DTYPES},
 }
 
 
@@ -106,6 +135,38 @@ def _load(path: Path, mmap: bool) -> Any:
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {_unpickler_detail(e)}") from None
     except Exception as e:  # noqa: BLE001 — garbage bytes raise IndexError, KeyError, EOFError …: all mean "not a checkpoint"
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {_first_line(e)}") from None
+
+
+def load_pickle(path: Path) -> Any:
+    """The whole object in a torch checkpoint file, loaded with ``weights_only=True`` and the
+    :data:`SAFE_GLOBALS` allow-list (tensors memory-mapped for zip files): what ``--format`` keeps
+    beside the averaged weights when it writes a file back in the input's own shape.
+
+    Raises:
+        CheckpointError: an unreadable file, or a pickle asking for any other global.
+    """
+    return _load(path, mmap=zipfile.is_zipfile(path))
+
+
+def load_mapped(path: Path) -> tuple[Any, int | None]:
+    """A zip torch file's object, memory-mapped (``weights_only=True``, :data:`SAFE_GLOBALS`), and the
+    address that file offset 0 has in the mapping, or None when its records cannot be accounted for.
+    With it, :func:`file_offset` says where a tensor's bytes are; drop the object (and every tensor
+    of it) to release the mapping, then ``pread`` them.
+
+    Raises:
+        CheckpointError: not a zip torch file, unreadable, or a pickle asking for another global.
+    """
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a zip-format torch file (saved by torch < 1.6?); ckptavg reads this "
+                              "kind of checkpoint from zip files only")
+    obj = _load(path, mmap=True)
+    return obj, _locate(obj, _member_offsets(path))
+
+
+def file_offset(t: Any, base: int) -> int:
+    """Where tensor ``t``'s first element is in the file :func:`load_mapped` gave ``base`` for."""
+    return int(t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size())
 
 
 def _tensors(obj: Any) -> Any:
@@ -266,15 +327,19 @@ def _check_placeholders(obj: Any, sd: Mapping[str, Any], path: Path) -> None:
         if t.numel() == 0 and want and all(isinstance(d, int) for d in want) and math.prod(want) > 0:
             raise CheckpointError(
                 f"{path}: tensor {name!r} is empty but the file's param_shapes give {list(want)}: this looks like a "
-                "DeepSpeed ZeRO-3 placeholder (the weights are partitioned across the optimizer state files); "
-                "consolidate first with the zero_to_fp32.py script DeepSpeed saves beside the checkpoint"
+                "DeepSpeed ZeRO-3 placeholder (the weights are partitioned across the optimizer state files, which "
+                "are not beside it): put every rank's *_optim_states.pt next to it (ckptavg reads them), or "
+                "consolidate with the zero_to_fp32.py script DeepSpeed saves beside the checkpoint"
             )
 
 
-def _member_offsets(path: Path) -> dict[int, int]:
-    """File offset of each stored storage record (``*/data/<key>``) → its size in bytes."""
+def member_offsets(f: BinaryIO, path: Path | str) -> dict[int, int]:
+    """Offset (from the start of ``f``, a seekable zip archive written by ``torch.save``) of each
+    stored storage record (``*/data/<key>``) → its size in bytes; ``path`` names ``f`` in errors.
+    A zip member's data starts after its local header, whose name and extra field lengths can
+    differ from the central directory's: read from the local header itself."""
     out: dict[int, int] = {}
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+    with zipfile.ZipFile(f) as z:
         for m in z.infolist():
             parts = m.filename.split("/")
             if len(parts) < 2 or parts[-2] != "data" or m.compress_type != zipfile.ZIP_STORED:
@@ -286,6 +351,11 @@ def _member_offsets(path: Path) -> dict[int, int]:
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             out[m.header_offset + 30 + name_len + extra_len] = m.file_size
     return out
+
+
+def _member_offsets(path: Path) -> dict[int, int]:
+    with open(path, "rb") as f:
+        return member_offsets(f, path)
 
 
 def _locate(obj: Any, members: dict[int, int]) -> int | None:
