@@ -20,14 +20,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
 
 from .errors import NonFiniteError
-from .io.dtypes import DType, from_accumulator, to_accumulator
+from .io.dtypes import DType, to_accumulator
+from .io.kernels import NUMPY, Kernels, choose
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo
 from .io.sinks import Sink
@@ -59,10 +59,12 @@ class RunningAverage:
         array([2., 3., 4.], dtype=float32)
     """
 
-    def __init__(self, size: int, dtype: Any = np.float32, *, allow_nonfinite: bool = False) -> None:
+    def __init__(self, size: int, dtype: Any = np.float32, *, allow_nonfinite: bool = False,
+                 kernels: Kernels = NUMPY) -> None:
         self.sum = np.zeros(size, dtype)  # (size,) the weighted sum
         self._scratch = np.empty(min(size, CHUNK_ELEMS), dtype)  # one converted chunk
         self.allow_nonfinite = allow_nonfinite
+        self.kernels = kernels  # who converts: numpy or torch (same bits, see ckptavg.io.kernels)
         self.n = size  # elements in use: a tensor's last chunk is shorter
         self.norm = 0.0  # Σ wⱼ
         self.members: set[Any] = set()  # keys of the inputs in the sum
@@ -77,16 +79,20 @@ class RunningAverage:
     def _put(self, raw: np.ndarray, dtype: DType, weight: float, sign: int, fresh: bool, at: int) -> None:
         acc = self.sum[at : at + len(raw)]
         if fresh:  # the first input is converted straight into the sum: no zeroing pass
-            to_accumulator(raw, dtype, acc)
+            self.kernels.to_acc(raw, dtype, acc)
             if weight != 1.0:
                 acc *= weight
             return
-        if sign > 0 and weight == 1.0 and raw.dtype.kind == "f":  # fp16/fp32: numpy's own cast, no scratch pass
-            np.add(acc, raw, out=acc)
+        if weight == 1.0 and raw.dtype == acc.dtype:  # no conversion: one pass
+            if sign > 0:
+                np.add(acc, raw, out=acc)
+            else:
+                with np.errstate(invalid="ignore"):  # inf - inf: the NaN guard at emit names the input
+                    np.subtract(acc, raw, out=acc)
             return
         for s in range(0, len(raw), len(self._scratch)):
             part = raw[s : s + len(self._scratch)]
-            x = to_accumulator(part, dtype, self._scratch[: len(part)])
+            x = self.kernels.to_acc(part, dtype, self._scratch[: len(part)])
             if weight != 1.0:
                 x *= weight
             if sign > 0:
@@ -144,8 +150,7 @@ class RunningAverage:
 
     def finite(self, at: int = 0, n: int | None = None) -> bool:
         """No NaN/Inf in elements [at, at+n) of the sum (one cheap pass; the full check only if that fails)."""
-        acc = self.sum[at : at + (self.n - at if n is None else n)]
-        return bool(np.isfinite(acc.sum()) or np.isfinite(acc).all())
+        return self.kernels.finite(self.sum[at : at + (self.n - at if n is None else n)])
 
     def emit(self, dtype: DType, into: np.ndarray | None = None, where: Callable[[], str] | None = None,
              at: int = 0, n: int | None = None, *, narrowing: str = "", checked: bool = False) -> np.ndarray:
@@ -176,7 +181,7 @@ class RunningAverage:
         if dtype.storage == out.dtype:
             return out
         with np.errstate(over="ignore"):
-            cast = from_accumulator(out, dtype)
+            cast = self.kernels.from_acc(out, dtype)
         if narrowing and not self.allow_nonfinite and not _fits(cast, dtype):
             peak = float(np.abs(out).max())
             raise NonFiniteError(f"tensor {narrowing!r}: the average reaches {peak:.4g}, beyond {dtype.torch_name}'s "
@@ -218,6 +223,7 @@ def stream(
     on_bytes: Callable[[int], object] | None = None,
     chunk: int | None = None,
     threads: int | None = None,
+    kernels: str = "auto",
 ) -> None:
     """Average ``readers`` with ``weights`` tensor by tensor into ``sink`` (one model's worth).
 
@@ -230,14 +236,43 @@ def stream(
     ``2 × threads`` chunks are in flight, so memory is about ``2 × threads × (k + 2)`` chunks,
     independent of the model. Every chunk is computed the same way whoever computes it: the
     output is bit-identical for any thread count.
+
+    ``kernels``: who converts bf16/fp16 ↔ fp32, ``numpy``, ``torch`` or ``auto`` (torch for jobs
+    that read ≥ 1 GiB of half-precision values; see :mod:`ckptavg.io.kernels`). Same bits either way.
     """
     chunk = chunk or CHUNK_ELEMS
     threads = available_cpus() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    if threads > 1:
-        return _stream_parallel(readers, weights, plan, out_dtypes, sink, accumulate=accumulate,
-                                allow_nonfinite=allow_nonfinite, on_bytes=on_bytes, chunk=chunk, threads=threads)
+    active = [i for i, w in enumerate(weights) if w != 0.0]
+    kern = choose(sum(t.nbytes for t in plan if t.dtype.floating) * len(active),
+                  {t.dtype.name for t in plan} | {d.name for d in out_dtypes.values()}, kernels)
+    with pinned(kern):
+        if threads > 1:
+            return _stream_parallel(readers, weights, plan, out_dtypes, sink, accumulate=accumulate,
+                                    allow_nonfinite=allow_nonfinite, on_bytes=on_bytes, chunk=chunk,
+                                    threads=threads, kern=kern)
+        return _stream_serial(readers, weights, plan, out_dtypes, sink, accumulate=accumulate,
+                              allow_nonfinite=allow_nonfinite, on_bytes=on_bytes, chunk=chunk, kern=kern)
+
+
+@contextmanager
+def pinned(kern: Kernels) -> Iterator[None]:
+    """Torch kernels on one thread in the calling thread (restored after): parallelism is ours,
+    one chunk per worker; torch's own intra-op threads would oversubscribe the cores."""
+    previous = kern.pin()
+    try:
+        yield
+    finally:
+        kern.unpin(previous)
+
+
+def _stream_serial(
+    readers: Sequence[CheckpointReader], weights: Sequence[float], plan: Sequence[TensorInfo],
+    out_dtypes: Mapping[str, DType], sink: Sink, *, accumulate: str, allow_nonfinite: bool,
+    on_bytes: Callable[[int], object] | None, chunk: int, kern: Kernels,
+) -> None:
+    """:func:`stream` on the calling thread, with a reader and a writer thread beside it."""
     active = [i for i, w in enumerate(weights) if w != 0.0]
     uniform = len({weights[i] for i in active}) == 1
     newest = len(readers) - 1
@@ -247,7 +282,8 @@ def stream(
     def state(info: TensorInfo, i: int) -> RunningAverage:
         acc = np.float64 if accumulate == "float64" or info.dtype.name == "F64" else ACCUMULATORS[accumulate]
         if acc not in pools:  # not setdefault: its default would allocate WRITE_DEPTH + 2 chunks per tensor
-            pools[acc] = [RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite) for _ in range(WRITE_DEPTH + 2)]
+            pools[acc] = [RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite, kernels=kern)
+                          for _ in range(WRITE_DEPTH + 2)]
         pool = pools[acc]
         return pool[i % len(pool)]
 
@@ -289,7 +325,7 @@ def stream(
 def _stream_parallel(
     readers: Sequence[CheckpointReader], weights: Sequence[float], plan: Sequence[TensorInfo],
     out_dtypes: Mapping[str, DType], sink: Sink, *, accumulate: str, allow_nonfinite: bool,
-    on_bytes: Callable[[int], object] | None, chunk: int, threads: int,
+    on_bytes: Callable[[int], object] | None, chunk: int, threads: int, kern: Kernels,
 ) -> None:
     """:func:`stream` with ``threads`` workers, each owning whole chunks (see there)."""
     active = [i for i, w in enumerate(weights) if w != 0.0]
@@ -299,8 +335,9 @@ def _stream_parallel(
 
     def state(acc: Any) -> RunningAverage:
         sums = local.__dict__.setdefault("sums", {})
-        if acc not in sums:
-            sums[acc] = RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite)
+        if acc not in sums:  # a worker's first chunk: its torch ops on one thread too (pool threads end with us)
+            kern.pin()
+            sums[acc] = RunningAverage(chunk, acc, allow_nonfinite=allow_nonfinite, kernels=kern)
         st: RunningAverage = sums[acc]
         return st
 
@@ -315,8 +352,10 @@ def _stream_parallel(
         out_dt = out_dtypes[info.name]
         cast = info.name if narrows(info.dtype, out_dt) else ""
         st = state(acc)
+        if not hasattr(local, "buffer"):  # inputs are added one after another: one reused read buffer per worker
+            local.buffer = np.empty(chunk * max(t.dtype.itemsize for t in plan), np.uint8)
         with np.errstate(over="ignore", invalid="ignore"):
-            raws = (readers[i].read(info.name, start, n) for i in active)
+            raws = (readers[i].read_into(local.buffer, info.name, start, n) for i in active)
             values = _average_chunk(st, raws, [1.0 if uniform else weights[i] for i in active], info, n, out_dt, cast,
                                     allow_nonfinite, on_bytes,
                                     partial(_exact, readers, active, weights, uniform, info, start, n, out_dt, cast))
@@ -356,108 +395,4 @@ def _exact(readers: Sequence[CheckpointReader], active: Sequence[int], weights: 
     return st.emit(out_dt, narrowing=cast)
 
 
-@dataclass(frozen=True)
-class Target:
-    """One averaged model of a series: at ``step`` (trajectory index ``index``), from ``inputs``
-    (trajectory indices, oldest first) with ``weights``."""
-
-    index: int
-    step: int
-    inputs: tuple[int, ...]
-    weights: tuple[float, ...]
-
-
-def stream_series(
-    readers: Mapping[int, CheckpointReader],
-    targets: Sequence[Target],
-    tensors: Sequence[TensorInfo],
-    out_dtypes: Mapping[str, DType],
-    sinks: Mapping[int, Sink],
-    *,
-    ema_factors: Sequence[float] | None = None,
-    allow_nonfinite: bool = False,
-    on_bytes: Callable[[int], object] | None = None,
-    steps: Sequence[int] | None = None,
-) -> None:
-    """Every target of a series, reading each input chunk once (tensor-major over the run).
-
-    For each chunk of each tensor, the inputs are read in step order; a ring keeps the raw chunks
-    later targets still need and one :class:`RunningAverage` (fp64) follows the window (uniform)
-    or the whole run (``ema_factors[j]``: how much the EMA shrinks before input j). Each target's
-    chunk goes to ``sinks[target.step]`` at its offset. ``steps[j]`` is input j's step (for messages).
-    """
-    chunk = CHUNK_ELEMS
-    needed = sorted({j for t in targets for j in t.inputs})
-    by_index = {t.index: t for t in targets}
-    later: dict[int, set[int]] = {}  # inputs that targets after index i still need
-    acc: set[int] = set()
-    for t in reversed(targets):
-        later[t.index] = set(acc)
-        acc |= set(t.inputs)
-
-    def jobs() -> Iterator[Callable[[], np.ndarray]]:
-        for info in tensors:
-            for s0, n in spans(info.numel, chunk):
-                for j in needed:
-                    yield partial(readers[j].read, info.name, s0, n)
-
-    st = RunningAverage(chunk, np.float64, allow_nonfinite=allow_nonfinite)
-    avg = np.empty(chunk, np.float64)  # emitted values are cast to a new array before the writer sees them
-
-    def message(info: TensorInfo, t: Target) -> Callable[[], str]:
-        span = f"steps {steps[t.inputs[0]]}..{t.step}" if steps else "its window"
-        return lambda: (f"step {t.step}: tensor {info.name!r} averages to NaN/Inf (an input in {span} holds "
-                        "NaN/Inf); pass --allow-nonfinite to write it anyway")
-
-    # Overflow and inf - inf are expected on the way to the NaN/Inf checks, which report them.
-    with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="ckptavg-write") as wpool, np.errstate(over="ignore", invalid="ignore"):
-        reads = prefetch(jobs(), pool, PREFETCH)
-        writers = {step: WriteBehind(sink, wpool, WRITE_DEPTH) for step, sink in sinks.items()}
-
-        def emit(info: TensorInfo, s0: int, t: Target) -> None:
-            out_dt = out_dtypes[info.name]
-            out = st.emit(out_dt, avg, message(info, t), narrowing=info.name if narrows(info.dtype, out_dt) else "")
-            writers[t.step].write(info.name, s0, out.copy() if np.shares_memory(out, avg) else out)
-
-        for info in tensors:
-            for s0, n in spans(info.numel, chunk):
-                ring: dict[int, np.ndarray] = {}  # raw chunk of input j
-                st.reset(n)
-                for j in needed:
-                    raw = next(reads)
-                    if on_bytes:
-                        on_bytes(raw.nbytes)
-                    target = by_index.get(j)
-                    if not info.dtype.floating:
-                        if target is not None:
-                            writers[target.step].write(info.name, s0, raw)
-                        continue
-                    if ema_factors is not None:
-                        st.decay(ema_factors[j])
-                        st.add(raw, info.dtype, key=j)
-                        if target is not None:
-                            emit(info, s0, target)
-                        continue
-                    ring[j] = raw
-                    if target is None:
-                        continue
-                    if len(set(target.weights)) > 1:  # wsm, wma, power-ema: this target's weights, from the ring
-                        st.recompute((m, ring[m], info.dtype, w) for m, w in zip(target.inputs, target.weights))
-                        emit(info, s0, target)
-                        st.reset(n)
-                    else:
-                        for m in sorted(set(target.inputs) - st.members):
-                            st.add(ring[m], info.dtype, key=m)
-                        if st.drifted:  # exact again from the ring, so the running sum cannot drift
-                            st.recompute((m, ring[m], info.dtype, 1.0) for m in sorted(st.members))
-                        emit(info, s0, target)
-                    for m in [m for m in ring if m not in later[j]]:
-                        if m in st.members:
-                            st.remove(ring[m], info.dtype, key=m)
-                        del ring[m]
-        for wb in writers.values():
-            wb.flush()
-
-
-__all__ = ["ACCUMULATORS", "CHUNK_ELEMS", "RunningAverage", "Target", "available_cpus", "stream", "stream_series"]
+__all__ = ["ACCUMULATORS", "CHUNK_ELEMS", "RunningAverage", "available_cpus", "pinned", "stream"]

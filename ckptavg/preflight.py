@@ -16,6 +16,8 @@ from typing import Any
 
 from .engine import CHUNK_ELEMS, PREFETCH, WRITE_DEPTH
 from .io.dtypes import DType
+from .io.kernels import TORCH_FROM_BYTES
+from .pipeline import available_cpus
 from .trajectory import Checkpoint
 
 
@@ -25,9 +27,12 @@ class Preflight:
 
     read_bytes: int  # every selected input's weight files, each read once
     write_bytes: int | None  # the output's tensor data; None while a Hub .bin's tensors are unknown
-    memory_bytes: int  # the engine's buffers: independent of the model's size (interpreter not included)
+    memory_bytes: int  # the engine's buffers (+ one model for --format other than hf; interpreter not included)
     free_bytes: int | None  # free space where the output will be written; None if that cannot be told
     inputs: int
+    format: str = "hf"  # what is written (--format); not hf: the whole model is held in memory once
+    threads: int = 1  # workers, each owning whole chunks
+    kernels: str = "numpy"  # who converts bf16/fp16: torch (importing it adds ~225 MB beyond the buffers) or numpy
 
     @property
     def fits(self) -> bool | None:
@@ -56,13 +61,17 @@ def _free(out: Path) -> int | None:
         return None
 
 
-def memory_bound(k: int, in_itemsize: int, out_itemsize: int, accumulate_itemsize: int = 8) -> int:
+def memory_bound(k: int, in_itemsize: int, out_itemsize: int, accumulate_itemsize: int = 8, threads: int = 1) -> int:
     """Bytes the merge engine holds, whatever the model's size.
 
-    The reader thread keeps ``PREFETCH`` chunk sets read ahead (plus the one being added): one raw
-    chunk per input each; every accumulator dtype keeps ``WRITE_DEPTH + 2`` running sums, each a
-    sum and a converted scratch chunk; the writer holds up to ``WRITE_DEPTH + 1`` output chunks.
+    One thread: the reader thread keeps ``PREFETCH`` chunk sets read ahead (plus the one being
+    added): one raw chunk per input each; every accumulator dtype keeps ``WRITE_DEPTH + 2`` running
+    sums, each a sum and a converted scratch chunk; the writer holds up to ``WRITE_DEPTH + 1`` output
+    chunks. ``threads`` workers: each holds one chunk of every input, a sum, a scratch chunk and its
+    output chunk (+ one more for the cast), that is ``threads × (k + 4)`` chunks.
     """
+    if threads > 1:
+        return threads * CHUNK_ELEMS * (k * in_itemsize + 2 * accumulate_itemsize + 2 * out_itemsize)
     reads = (PREFETCH + 1) * k * CHUNK_ELEMS * in_itemsize
     sums = (WRITE_DEPTH + 2) * 2 * CHUNK_ELEMS * accumulate_itemsize
     writes = (WRITE_DEPTH + 1) * CHUNK_ELEMS * out_itemsize
@@ -70,7 +79,7 @@ def memory_bound(k: int, in_itemsize: int, out_itemsize: int, accumulate_itemsiz
 
 
 def preflight(checkpoints: Sequence[Checkpoint], out: str | os.PathLike[str], out_dtype: DType | None = None,
-              accumulate: str = "float32") -> Preflight:
+              accumulate: str = "float32", output_format: str = "hf", threads: int | None = None) -> Preflight:
     """The cost of averaging ``checkpoints`` into ``out``, from sizes and headers only.
 
     Args:
@@ -78,6 +87,9 @@ def preflight(checkpoints: Sequence[Checkpoint], out: str | os.PathLike[str], ou
         out: the output folder (need not exist).
         out_dtype: the output dtype of floating tensors (None: as the inputs).
         accumulate: ``float32`` or ``float64``.
+        output_format: anything but ``hf`` holds the whole averaged model in memory too (``torch.save``
+            and DCP's writer take a complete state dict).
+        threads: the workers (default: the CPUs this process may use).
 
     Returns:
         A :class:`Preflight`.
@@ -97,12 +109,20 @@ def preflight(checkpoints: Sequence[Checkpoint], out: str | os.PathLike[str], ou
         out_size = max(outs)
         write = sum(t.numel * o for t, o in zip(tensors.values(), outs))
     acc = 8 if accumulate == "float64" or any(t.dtype.name == "F64" for t in (tensors or {}).values()) else 4
+    threads = available_cpus() if threads is None else threads
+    read = sum(_input_bytes(c) for c in checkpoints)
+    names = {t.dtype.name for t in (tensors or {}).values()} | ({out_dtype.name} if out_dtype is not None else set())
+    kernels = "torch" if read >= TORCH_FROM_BYTES and names & {"BF16", "F16"} else "numpy"  # as ckptavg.io.kernels.choose
     return Preflight(
-        read_bytes=sum(_input_bytes(c) for c in checkpoints),
+        read_bytes=read,
         write_bytes=write,
-        memory_bytes=memory_bound(len(checkpoints), in_size, out_size, acc),
+        memory_bytes=memory_bound(len(checkpoints), in_size, out_size, acc, threads) + (
+            (write or 0) if output_format != "hf" else 0),
         free_bytes=_free(Path(out)),
         inputs=len(checkpoints),
+        format=output_format,
+        threads=threads,
+        kernels=kernels,
     )
 
 

@@ -78,3 +78,47 @@ def test_iter_series_holds_one_fp32_sum_and_one_output_model(big_runs, method):
     base = peak_rss_mb([sys.executable, "-c", _ITER, str(big_runs["safetensors"]), "none"])
     peak = peak_rss_mb([sys.executable, "-c", _ITER, str(big_runs["safetensors"]), method])
     assert peak - base < 2.75 * MODEL_MB, (base, peak)  # measured 36 MB for fp32 (bound 32 + overhead), 53 for fp64
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_merge_holds_no_more_than_the_preflight_memory_bound(big_runs, tmp_path, threads):
+    """The engine's buffers (the merge's peak minus a dry run's: same discovery, no tensor data)
+    stay within what ``--dry-run`` promises, for one thread and for workers."""
+    import json
+
+    from ckptavg.preflight import memory_bound
+
+    root = str(big_runs["safetensors"])
+    args = ["merge", root, "--window", str(K_LARGE), "--threads", str(threads), "-q"]
+    dry = peak_rss_mb([sys.executable, "-m", "ckptavg", *args, "-o", str(tmp_path / "dry"), "--dry-run"])
+    peak = peak_rss_mb([sys.executable, "-m", "ckptavg", *args, "-o", str(tmp_path / "out")])
+    promised = json.loads(subprocess.run([sys.executable, "-m", "ckptavg", *args, "-o", str(tmp_path / "dry"),
+                                          "--dry-run", "--json"], capture_output=True, text=True, check=True).stdout)
+    bound_mb = promised["preflight"]["memory_bytes"] / 2**20
+    assert promised["preflight"]["memory_bytes"] == memory_bound(K_LARGE, 4, 4, 4, threads)
+    assert peak - dry <= bound_mb + MARGIN_MB, (peak, dry, bound_mb)
+
+
+@pytest.fixture(scope="module")
+def dcp_big_run(tmp_path_factory) -> Path:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path_factory.mktemp("mem-dcp") / "run"
+    with warnings.catch_warnings():  # "torch.distributed is disabled … single process": intended
+        warnings.simplefilter("ignore")
+        for i in range(K_LARGE):
+            dcp.save({"big": torch.full((BIG,), float(i)), "small": torch.arange(10.0) + i},
+                     checkpoint_id=root / f"step-{i + 1}", no_dist=True)
+    return root
+
+
+def test_dcp_peak_rss_flat_from_2_to_10_inputs(dcp_big_run, tmp_path):
+    """DCP chunks are pread from the .distcp files: no whole tensor per input (torch's reader would
+    hold one 16 MiB tensor per input, 128 MiB more at k = 10)."""
+    rss = {}
+    for k in (K_SMALL, K_LARGE):
+        rss[k] = peak_rss_mb([sys.executable, "-m", "ckptavg", "merge", str(dcp_big_run), "--window", str(k),
+                              "-o", str(tmp_path / f"out{k}"), "-q"])
+    assert rss[K_LARGE] - rss[K_SMALL] < MARGIN_MB, rss

@@ -7,6 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -78,3 +79,80 @@ def test_threads_flag(make_run, tmp_path):
     with pytest.raises(ckptavg.UsageError, match="--threads must be at least 1"):
         ckptavg.average(ckptavg.discover(root), threads=0, progress=False)
     assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+
+
+# --- kernels: torch's conversions give numpy's bits -------------------------------------------
+
+def _floats() -> np.ndarray:
+    """Every finite bf16 value, exact fp16/bf16 ties, subnormals, values near both formats' limits, randoms."""
+    bf16 = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    rng = np.random.default_rng(0)
+    edges = np.array([6.5504e4, 6.5519e4, 6.552e4, 7e4, 3.3895e38, 3.4e38, 5.96e-8, 2.98e-8, 1e-40, -0.0,
+                      1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 1 + 3 * 2 ** -11], np.float32)
+    scale = (10.0 ** rng.integers(-9, 9, 1 << 20)).astype(np.float32)
+    x = np.concatenate([bf16, edges, -edges, rng.standard_normal(1 << 20).astype(np.float32) * scale])
+    return x[np.isfinite(x)]
+
+
+@pytest.mark.parametrize("name", ["BF16", "F16"])
+def test_torch_kernels_convert_exactly_like_numpy(name):
+    from ckptavg.io.dtypes import DTYPES
+    from ckptavg.io.kernels import NUMPY, TorchKernels
+
+    dt, torch_k = DTYPES[name], TorchKernels()
+    x = _floats()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = NUMPY.from_acc(x, dt)
+    got = torch_k.from_acc(x, dt)
+    assert got.dtype == want.dtype and np.array_equal(got, want)  # fp32 → half: round to nearest even, overflow → Inf
+    assert np.array_equal(torch_k.to_acc(want, dt, np.empty(x.size, np.float32)),
+                          NUMPY.to_acc(want, dt, np.empty(x.size, np.float32)))  # half → fp32, Inf included
+    assert torch_k.finite(x) and not torch_k.finite(np.array([1.0, np.inf, 2.0], np.float32))
+    assert torch_k.finite(np.array([3e38, 3e38], np.float32))  # a sum that overflows is no NaN/Inf in the values
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                             (torch.float32, "bfloat16"), (torch.bfloat16, "float16")])
+def test_torch_and_numpy_kernels_write_the_same_bytes(make_run, tmp_path, monkeypatch, dtype, out_dtype):
+    from ckptavg.io import kernels
+
+    root, _ = make_run("safetensors", steps=(1, 2, 3, 4), dtype=dtype, values="random")
+    sel = ckptavg.discover(root).window(3)
+    digests = {}
+    for name, threshold in (("numpy", 1 << 62), ("torch", 0)):
+        monkeypatch.setattr(kernels, "TORCH_FROM_BYTES", threshold)
+        for method in ("uniform", "ema"):
+            for n in (1, 3):
+                params = {"half_life": 1.5} if method == "ema" else {}
+                out = ckptavg.average(sel, tmp_path / f"{name}-{method}-{n}", threads=n, method=method, dtype=out_dtype,
+                                      progress=False, **params)
+                digests[name, method, n] = _digest(out)
+    for method in ("uniform", "ema"):
+        assert len({digests[k, method, n] for k in ("numpy", "torch") for n in (1, 3)}) == 1
+
+
+def test_auto_kernels_take_torch_only_for_big_half_precision_jobs():
+    from ckptavg.io.kernels import TORCH_FROM_BYTES, choose
+
+    assert choose(TORCH_FROM_BYTES, {"BF16"}).name == "torch"
+    assert choose(TORCH_FROM_BYTES - 1, {"BF16"}).name == "numpy"  # small: import torch would cost more than it saves
+    assert choose(TORCH_FROM_BYTES * 8, {"F32"}).name == "numpy"  # nothing to convert
+    assert choose(0, {"F32"}, "torch").name == "torch" and choose(1 << 40, {"F16"}, "numpy").name == "numpy"
+    with pytest.raises(ValueError, match="kernels must be"):
+        choose(0, set(), "cuda")
+
+
+@pytest.mark.parametrize("how", [{"method": "uniform"}, {"method": "ema", "half_life": 1.5},
+                                 {"method": "wsm", "schedule": "1-sqrt"}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_series_any_thread_count_writes_the_same_bytes_as_one(make_run, tmp_path, how, dtype):
+    root, _ = make_run("safetensors", steps=(1, 2, 3, 4, 5), dtype=dtype, values="random")
+    from ckptavg.series import series
+
+    traj = ckptavg.discover(root)
+    digests = {}
+    for n in (1, 2, 4):
+        sel = ckptavg.Selection() if how["method"] == "ema" else ckptavg.Selection(window=3)
+        outs = series(traj, tmp_path / f"t{n}", sel, threads=n, progress=False, **how)
+        digests[n] = [(o.step, _digest(o.path)) for o in outs]
+    assert len(digests[1]) >= 3 and digests[1] == digests[2] == digests[4]

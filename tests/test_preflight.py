@@ -45,9 +45,13 @@ def test_dry_run_figures_are_what_the_merge_reads_and_writes(make_run, tmp_path)
 def test_memory_bound_grows_with_inputs_not_with_the_model(make_run):
     root, _ = make_run("safetensors", steps=(1, 2, 3, 4, 5))
     traj = ckptavg.discover(root)
-    small = preflight(list(traj.window(2)), "o").memory_bytes
-    big = preflight(list(traj.window(5)), "o").memory_bytes
+    small = preflight(list(traj.window(2)), "o", threads=1).memory_bytes
+    big = preflight(list(traj.window(5)), "o", threads=1).memory_bytes
     assert big - small == memory_bound(5, 4, 4, 4) - memory_bound(2, 4, 4, 4) == 3 * 5 * CHUNK_ELEMS * 4
+    # Workers: each holds one chunk of every input, so three more inputs cost 3 chunks per worker.
+    small = preflight(list(traj.window(2)), "o", threads=4).memory_bytes
+    big = preflight(list(traj.window(5)), "o", threads=4).memory_bytes
+    assert big - small == 4 * 3 * CHUNK_ELEMS * 4 and preflight(list(traj.window(5)), "o", threads=4).threads == 4
     # The bound is the same for a model 1000x larger: it depends on chunks, not tensors.
     assert memory_bound(5, 2, 2) < 64 * 2**20
 

@@ -33,6 +33,10 @@ def open_file(path: Path, fmt: str, key: str | None = None) -> WeightFile:
         from .dcp import DcpFile
 
         return DcpFile(path, key)
+    if fmt == "zero":  # path: a DeepSpeed ZeRO folder's first model-states file; the folder is one "file"
+        from .zero import ZeroFile
+
+        return ZeroFile(path, key)
     from .torchfile import TorchFile
 
     return TorchFile(path, key)
@@ -54,7 +58,7 @@ class CheckpointReader:
     def __init__(self, files: Sequence[Path], fmt: str, label: str = "", *, key: str | None = None) -> None:
         self.label = label or (str(files[0]) if files else "checkpoint")
         self._files: list[WeightFile] = []
-        if fmt == "dcp":  # one DCP folder: its .metadata (files[0]) describes every shard beside it
+        if fmt in ("dcp", "zero"):  # one DCP or ZeRO folder: files[0] is opened, the rest is read through it
             files = files[:1]
         try:
             for f in files:
@@ -78,6 +82,15 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.label}: no tensor {name!r}") from None
         return wf.read(info, start, count)
+
+    def read_into(self, buffer: np.ndarray, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
+        """:meth:`read` into a reused byte ``buffer`` (a uint8 array of at least count × itemsize),
+        where the format allows (safetensors); the result is then a view of ``buffer``, valid until
+        the next read into it. Saves an allocation and its page faults per chunk."""
+        wf = self._only or self._owner.get(name)
+        if isinstance(wf, SafetensorsFile):
+            return wf.read(self.tensors[name], start, count, buffer)
+        return self.read(name, start, count)
 
     def close(self) -> None:
         for wf in self._files:

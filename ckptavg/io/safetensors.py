@@ -280,11 +280,16 @@ class SafetensorsFile:
         self.tensors, self.metadata = read_header(self.path)
         self._file = LazyFd(self.path)
 
-    def read(self, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
-        """Elements [start, start+count) of the flattened tensor, as raw storage values."""
+    def read(self, info: TensorInfo, start: int = 0, count: int | None = None,
+             buffer: np.ndarray | None = None) -> np.ndarray:
+        """Elements [start, start+count) of the flattened tensor, as raw storage values; into
+        ``buffer`` (bytes, uint8, at least count × itemsize; the result is a view of it) if given."""
         if count is None:
             count = info.numel - start
-        out = np.empty(count, info.dtype.storage)
+        if buffer is not None:
+            out = buffer[: count * info.dtype.itemsize].view(info.dtype.storage)
+        else:
+            out = np.empty(count, info.dtype.storage)
         if count == 0:
             return out
         fd = self._file.acquire()
