@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .series import iter_series
     from .soup import greedy_soup
     from .sources import discover
+    from .stability import inspect
     from .sweep import run_sweep
     from .trajectory import Checkpoint, Trajectory
 
@@ -53,13 +54,14 @@ _LAZY = {
     "score": "eval",
     "load_model": "eval",
     "run_sweep": "sweep",
+    "inspect": "stability",
 }
 
 __all__ = [
     "CheckpointError", "Checkpoint", "CkptavgError", "DuplicateError", "HubError", "IncompatibleError",
     "MethodError", "MissingDependencyError", "NonFiniteError", "OutputError", "OutputExistsError", "OutputLockedError",
-    "Selection", "SelectionError", "StateDict", "Trajectory", "UsageError", "__version__", "average", "discover", "greedy_soup", "iter_series",
-    "load_model", "run_sweep", "score",
+    "Selection", "SelectionError", "StateDict", "Trajectory", "UsageError", "__version__", "average", "discover", "greedy_soup", "inspect",
+    "iter_series", "load_model", "run_sweep", "score",
 ]
 
 

@@ -4,7 +4,7 @@ A :class:`~ckptavg.selection.Selection` picks the *targets* (``start``/``stop``/
 ``spacing``/``steps``) and ``window`` says how many checkpoints each uniform target averages; EMA
 targets average every checkpoint up to them.
 
-``series`` is tensor-major over the whole trajectory (:func:`ckptavg.engine.stream_series`): for
+``series`` is tensor-major over the whole trajectory (:func:`ckptavg.engine_series.stream_series`): for
 each tensor chunk it walks the checkpoints in step order once, keeps the raw chunks later targets
 need in a ring and one fp64 :class:`~ckptavg.engine.RunningAverage`, and writes each target's chunk
 at its offset in that target's pre-sized output file. Memory is O(k × chunk); bytes read are one
@@ -27,146 +27,30 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import manifest as _manifest
-from . import methods, sources
+from . import sources
 from .averaging import ensure_tensors, finish_directory, input_paths
-from .engine import CHUNK_ELEMS, RunningAverage, Target, narrows, stream_series
-from .errors import MethodError, NonFiniteError, OutputError, OutputExistsError, SelectionError, UsageError
+from .engine import CHUNK_ELEMS, RunningAverage, narrows
+from .engine_series import Target, stream_series
+from .errors import NonFiniteError, OutputError, OutputExistsError, UsageError
 from .io.dtypes import DType, parse_dtype, to_torch
-from .io.layout import is_complete_output
+from .io.layout import is_complete_output, weights_stem
 from .io.lock import output_lock
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo, parse_size
 from .io.sinks import SafetensorsDirSink, begin_directory, check_inputs, commit_directory, public_error, remove_entry
+from .keys import strip_plan
 from .selection import Selection, with_legacy
-from .tokens import tokens_seen
+from .targets import WEIGHTED, ema_factors, plan, series_params
 from .trajectory import Checkpoint, Trajectory, check_compatible
 
 if TYPE_CHECKING:
     import torch
-
-WEIGHTED = ("wsm", "wma", "power-ema")  # per-target weights over each target's window
-METHODS = ("uniform", "ema", *WEIGHTED)
-
-
-def plan(
-    traj: Trajectory,
-    selection: Selection | None = None,
-    *,
-    method: str = "uniform",
-    decay: float | None = None,
-    half_life: float | None = None,
-    half_life_tokens: float | None = None,
-    tokens_per_step: float | None = None,
-    schedule: str | None = None,
-    sigma_rel: float | None = None,
-    partial: bool = False,
-    non_overlapping: bool = False,
-    **legacy: Any,
-) -> list[Target]:
-    """Which averaged models a series produces, and from what.
-
-    Uniform (LAWA, ``selection.window`` = k): the target at checkpoint i averages checkpoints
-    i-k+1 … i. Targets are the checkpoints ``selection`` picks from the first full window on
-    (``partial=True``: from the first checkpoint, averaging what exists). ``non_overlapping``:
-    disjoint blocks of k from the first checkpoint, as the LAWA authors' script averages. EMA: the
-    target at checkpoint i is the EMA of checkpoints 0 … i (weights as in
-    :func:`ckptavg.methods.ema`, ``half_life_tokens`` in :func:`ckptavg.tokens.tokens_seen`'s tokens);
-    ``window`` does not apply. ``wsm``, ``wma`` and ``power-ema`` weigh each target's window as a merge
-    of it would (power-ema without ``window``: all up to the target). Greedy soups are merge-only.
-
-    Raises:
-        SelectionError: no target, a requested target before its first full window.
-        MethodError: a method other than uniform/ema/wsm/wma/power-ema, or parameters it does not take.
-    """
-    sel = with_legacy(selection, "plan", **legacy)
-    if method not in METHODS:
-        raise MethodError(f"series supports methods {', '.join(METHODS)}, not {method!r}")
-    extra = {"schedule": schedule, "sigma_rel": sigma_rel}
-    n = len(traj)
-    if n == 0:
-        raise SelectionError(f"{traj.name}: the trajectory is empty")
-    window = sel.window
-    if method == "uniform":
-        if not window:
-            raise UsageError("series --method uniform needs --window k (k ≥ 1)")
-        if any(x is not None for x in (decay, half_life, half_life_tokens, schedule, sigma_rel)):
-            raise MethodError("--decay/--half-life/--schedule/--sigma-rel do not apply to --method uniform")
-        first = 0 if partial else window - 1
-    elif method in WEIGHTED:
-        if not window and method != "power-ema":
-            raise UsageError(f"series --method {method} needs --window k (k ≥ 2), each target's window")
-        methods.weights(method, [1, 2], decay=decay, half_life=half_life, half_life_tokens=half_life_tokens,
-                        tokens_per_step=tokens_per_step, **extra)  # validates the parameters
-        first = 0 if partial or not window else window - 1
-    else:
-        if window is not None:
-            raise UsageError("series --method ema runs over the whole trajectory; drop --window")
-        methods.weights("ema", [0, 1], decay=decay, half_life=half_life, half_life_tokens=half_life_tokens,
-                        tokens_per_step=tokens_per_step if half_life_tokens is None else 1.0, **extra)
-        first = 0
-    index = {c.step: i for i, c in enumerate(traj)}
-    picked = [index[c.step] for c in sel.targets(traj)]
-    if sel.steps:
-        too_early = [traj[i].step for i in picked if i < first]
-        if too_early:
-            raise SelectionError(f"step {too_early[0]}: fewer than {window} checkpoints up to it (use --partial)")
-    candidates = [i for i in picked if i >= first]
-    if non_overlapping:
-        assert window is not None
-        candidates = [i for i in candidates if (i - first) % window == 0]
-    if not candidates:
-        raise SelectionError(f"{traj.name}: no target step selected (steps {traj.steps[0]}..{traj.steps[-1]})")
-    all_steps = traj.steps
-    tokens = tokens_seen(list(traj), tokens_per_step, traj.root)[0] if half_life_tokens is not None else None
-    targets = []
-    for i in candidates:
-        if method == "uniform":
-            assert window is not None
-            ins = tuple(range(max(0, i - window + 1), i + 1))
-            w = tuple(methods.weights("uniform", [all_steps[j] for j in ins]))
-        elif method in WEIGHTED:
-            ins = tuple(range(max(0, i - window + 1) if window else 0, i + 1))
-            w = tuple(methods.weights(method, [all_steps[j] for j in ins], **extra))
-        elif tokens is not None:
-            ins = tuple(range(i + 1))
-            w = tuple(methods.weights("ema", [all_steps[j] for j in ins], half_life_tokens=half_life_tokens,
-                                      tokens=tokens[: i + 1]))
-        else:
-            ins = tuple(range(i + 1))
-            w = tuple(methods.weights("ema", [all_steps[j] for j in ins], decay=decay, half_life=half_life))
-        targets.append(Target(i, all_steps[i], ins, w))
-    return targets
-
 
 @dataclass(frozen=True)
 class SeriesOutput:
     step: int
     path: Path
     written: bool  # False: a complete output from an earlier run was kept
-
-
-def _ema_factors(steps: Sequence[float], decay: float | None, half_life: float | None) -> list[float]:
-    """How much the EMA state shrinks before checkpoint j is added (0 before the first); ``steps``
-    are tokens when ``half_life`` is in tokens."""
-    if decay is not None:
-        return [0.0] + [decay] * (len(steps) - 1)
-    assert half_life is not None
-    return [0.0] + [0.5 ** ((steps[j] - steps[j - 1]) / half_life) for j in range(1, len(steps))]
-
-
-def _params(method: str, window: int | None, decay: float | None, half_life: float | None,
-            **extra: Any) -> dict[str, Any]:
-    if method == "uniform":
-        return {"window": window}
-    return {"window": window, **extra} if method in WEIGHTED else {"decay": decay, "half_life": half_life, **extra}
-
-
-def _factors(traj: Trajectory, params: Mapping[str, Any]) -> list[float]:
-    """The EMA factors of a series, in steps or in tokens."""
-    if params.get("half_life_tokens") is not None:
-        tokens = tokens_seen(list(traj), params.get("tokens_per_step"), traj.root)[0]
-        return _ema_factors(tokens, None, params["half_life_tokens"])
-    return _ema_factors(traj.steps, params.get("decay"), params.get("half_life"))
 
 
 @dataclass(frozen=True)
@@ -178,6 +62,20 @@ class _Recipe:
     dtype: str  # as ckptavg.json writes it
     max_shard_size: int | None
     fingerprint: Callable[[int], dict[str, Any]]  # input index → manifest.fingerprint, cached
+    exclusion: Mapping[str, Any] | None = None  # --exclude-anomalies: stability.anomalous_steps' record
+
+    @property
+    def excluded(self) -> set[int]:
+        return {x["step"] for x in (self.exclusion or {}).get("excluded", [])}
+
+    def note(self, target: Target, traj: Trajectory) -> dict[str, Any] | None:
+        """``ckptavg.json``'s record of the steps left out of this target's window (or EMA)."""
+        if self.exclusion is None:
+            return None
+        window = self.params.get("window")
+        lo = traj[max(0, target.index - window + 1)].step if window else traj[0].step
+        return {"excluded": [x for x in self.exclusion["excluded"] if lo <= x["step"] <= target.step],
+                "exclusion": self.exclusion["exclusion"]}
 
     def made(self, out: Path, target: Target, traj: Trajectory) -> bool:
         """``out`` was written by these arguments from these inputs (steps, locations, weights, and
@@ -254,6 +152,9 @@ def series(
     force: bool = False,
     fsync: bool = True,
     progress: bool = True,
+    threads: int | None = None,
+    exclude_anomalies: bool = False,
+    anomalies: str | os.PathLike[str] | None = None,
     **legacy: Any,
 ) -> list[SeriesOutput]:
     """Write the averaged model at every target step, ``out/step{S}/``, in one pass over the inputs.
@@ -269,7 +170,10 @@ def series(
         selection: the targets, and ``window`` = k for uniform (LAWA); see :func:`plan`.
         method, decay, half_life, half_life_tokens, tokens_per_step, schedule, sigma_rel, partial,
             non_overlapping: how each target is averaged; see :func:`plan`.
-        dtype, max_shard_size, allow_nonfinite, allow_duplicates, fsync, progress: as for :func:`ckptavg.average`.
+        dtype, max_shard_size, allow_nonfinite, allow_duplicates, fsync, progress, threads: as for
+            :func:`ckptavg.average` (``threads`` workers each own whole chunks: every input's chunk, every target's output).
+        exclude_anomalies, anomalies: leave the steps :mod:`ckptavg.stability` flags out of every
+            window and EMA, and write no target at them (see :func:`ckptavg.average`).
 
     Returns:
         One SeriesOutput per target, in step order; ``written`` is False for targets kept from an
@@ -290,7 +194,16 @@ def series(
                                sigma_rel=sigma_rel)
     targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, **how, partial=partial,
                    non_overlapping=non_overlapping)
-    params = {k: v for k, v in _params(method, sel.window, decay, half_life, **how).items() if v is not None}
+    params = {k: v for k, v in series_params(method, sel.window, decay, half_life, **how).items() if v is not None}
+    record: dict[str, Any] | None = None
+    if exclude_anomalies or anomalies is not None:  # the same plan without the steps ckptavg inspect flags
+        from .stability import anomalous_steps
+
+        steps = sorted({traj[j].step for t in targets for j in (*t.inputs, t.index)})
+        flagged, record = anomalous_steps(traj, steps, anomalies, progress=progress, allow_duplicates=allow_duplicates)
+        targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, **how, partial=partial,
+                       non_overlapping=non_overlapping, exclude=flagged)
+        params["exclude_anomalies"] = str(anomalies) if anomalies is not None else True
     out_dtype = _out_dtype(dtype)
     try:
         shard_bytes = parse_size(max_shard_size) if max_shard_size else None
@@ -299,7 +212,7 @@ def series(
     out = Path(os.path.abspath(out))
     check_inputs(out, input_paths(list(traj), str(traj.root)), replaces=False)  # both ways, links resolved
     recipe = _Recipe(method, params, out_dtype.torch_name if out_dtype else "same as inputs", shard_bytes,
-                     functools.cache(lambda j: _manifest.fingerprint(traj[j])))
+                     functools.cache(lambda j: _manifest.fingerprint(traj[j])), record)
     dirs = {t.step: out / f"step{t.step}" for t in targets}
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -316,12 +229,13 @@ def series(
                                     "use --force to replace it, or another -o")
         pending = [t for t in targets if states[t.step] != "keep"]
         if pending:
-            _write(traj, out, pending, dirs, recipe, out_dtype, allow_nonfinite, allow_duplicates, fsync, progress)
+            _write(traj, out, pending, dirs, recipe, out_dtype, allow_nonfinite, allow_duplicates, fsync, progress, threads)
     return [SeriesOutput(t.step, dirs[t.step], states[t.step] != "keep") for t in targets]
 
 
 def _write(traj: Trajectory, out: Path, pending: list[Target], dirs: dict[int, Path], recipe: _Recipe,
-           out_dtype: DType | None, allow_nonfinite: bool, allow_duplicates: bool, fsync: bool, progress: bool) -> None:
+           out_dtype: DType | None, allow_nonfinite: bool, allow_duplicates: bool, fsync: bool, progress: bool,
+           threads: int | None) -> None:
     """Write the pending targets, each in its temporary, committed (replacing what was there) once whole."""
     needed = sorted({j for t in pending for j in t.inputs})
     ckpts = _prepare(traj, needed, progress, allow_duplicates)
@@ -338,22 +252,25 @@ def _write(traj: Trajectory, out: Path, pending: list[Target], dirs: dict[int, P
     from tqdm import tqdm
 
     total = sum(t.nbytes for t in tensors) * len(needed)
-    factors = _factors(traj, recipe.params) if recipe.method == "ema" else None
+    factors = ema_factors(traj, recipe.params, recipe.excluded) if recipe.method == "ema" else None
+    strip = strip_plan([t.name for t in tensors], ref.config_dir)  # wrapper prefixes: HF names (ckptavg.keys)
     try:
         for t in pending:
             tmps[t.step] = begin_directory(dirs[t.step], force=True)  # what is there was judged replaceable
-            sinks[t.step] = SafetensorsDirSink(tmps[t.step], entries, recipe.max_shard_size, label=dirs[t.step])
+            sinks[t.step] = SafetensorsDirSink(tmps[t.step], entries, recipe.max_shard_size, label=dirs[t.step],
+                                               stem=weights_stem(ref.files), strip=strip[0] if strip else "")
         readers = {j: CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j]), key=ckpts[j].key)
                    for j in needed}
         with tqdm(total=total, unit="B", unit_scale=True, desc="series", disable=not progress, leave=False) as bar:
             stream_series(readers, pending, tensors, out_dtypes, sinks, ema_factors=factors,
-                          allow_nonfinite=allow_nonfinite, on_bytes=bar.update, steps=traj.steps)
+                          allow_nonfinite=allow_nonfinite, on_bytes=bar.update, steps=traj.steps, threads=threads)
         for t in pending:
             sinks[t.step].close()
             try:
                 finish_directory(tmps[t.step], [ckpts[j] for j in t.inputs], t.weights, recipe.method, recipe.params,
                                  out_dtype, "float64", str(traj.root), fingerprints=[prints[j] for j in t.inputs],
-                                 max_shard_size=recipe.max_shard_size)
+                                 max_shard_size=recipe.max_shard_size,
+                                 note=({"keys": strip[1]} if strip else {}) | (recipe.note(t, traj) or {}))
                 commit_directory(tmps[t.step], dirs[t.step], fsync)
             except OSError as e:
                 err = public_error(e, tmps[t.step], dirs[t.step])
@@ -415,7 +332,7 @@ def iter_series(
     for info in floats:
         offsets[info.name], size = size, size + info.numel
     st = RunningAverage(size, np.float32, allow_nonfinite=allow_nonfinite)  # the whole model, flat: 4 B/parameter
-    factors = _factors(traj, {"decay": decay, "half_life": half_life, **how}) if method == "ema" else None
+    factors = ema_factors(traj, {"decay": decay, "half_life": half_life, **how}) if method == "ema" else None
 
     def fold(j: int, sign: int = 1, weight: float = 1.0) -> None:
         """Add (+1) or remove (-1) checkpoint j with ``weight``, tensor by tensor, chunk by chunk."""

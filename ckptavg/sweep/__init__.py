@@ -108,6 +108,12 @@ def run_sweep(
     spec = resolve_eval(rec.eval)
     traj = discover(canonical(rec.trajectory), step_pattern=rec.step_pattern)
     jobs = plan(rec, traj)
+    if any(j.variant.exclude_anomalies for j in jobs):  # their inputs: the window without flagged steps
+        from ..stability import anomalous_steps
+
+        flagged = anomalous_steps(traj, sorted({c.step for j in jobs for c in j.inputs}), progress=progress)[0]
+        jobs = [replace(j, inputs=j.inputs.where(lambda c: c.step not in flagged)) if j.variant.exclude_anomalies
+                else j for j in jobs]
     table = ResultsTable(Path(rec.output).resolve() / TABLE)
     try:
         table.check_protocol(spec)

@@ -138,7 +138,7 @@ def run_job(job: Job, spec: ResolvedEval, executor: str = "local") -> list[dict[
             result = evaluate.score(
                 job.inputs, list(spec.tasks) or None, include_path=list(spec.include_path), limit=spec.limit,
                 batch_size=spec.batch_size, device=spec.device, dtype=spec.dtype,
-                selection=Selection(window=v.window), method=v.method, half_life=v.half_life, schedule=v.schedule,
+                selection=Selection(window=None if v.exclude_anomalies else v.window), method=v.method, half_life=v.half_life, schedule=v.schedule,
                 text=spec.text,
                 seq_len=spec.seq_len, offline=spec.offline, progress=False,
             )

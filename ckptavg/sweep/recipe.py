@@ -34,6 +34,8 @@ class Variants:
     latest k checkpoints), EMAs with these half-lives in training steps over the latest
     ``ema_window`` checkpoints (``None``: every checkpoint up to the target), WSM windows (the
     merge that emulates a ``wsm_schedule`` decay) and WMA windows (weights ∝ 1 … k).
+    ``exclude_anomalies``: every average leaves out the checkpoints ``ckptavg inspect`` flags (NaN/Inf,
+    a whole-model update spike; :mod:`ckptavg.stability`), and its name says so (``uniform5-xa``).
 
     Raises:
         UsageError: a window or half-life out of range, or no variant at all.
@@ -46,6 +48,7 @@ class Variants:
     wsm: tuple[int, ...] = ()
     wsm_schedule: str = "1-sqrt"
     wma: tuple[int, ...] = ()
+    exclude_anomalies: bool = False
 
     def __post_init__(self) -> None:
         for name in ("uniform", "wsm", "wma"):
@@ -76,6 +79,9 @@ class Variants:
         out += [Variant(f"ema-h{h:g}" + (f"-w{w}" if w else ""), "ema", w, h) for h in sorted(set(self.ema_half_life))]
         out += [Variant(f"wsm-{self.wsm_schedule}{k}", "wsm", k, schedule=self.wsm_schedule) for k in sorted(set(self.wsm))]
         out += [Variant(f"wma{k}", "wma", k) for k in sorted(set(self.wma))]
+        if self.exclude_anomalies:  # another name: a table never mixes averages with and without exclusion
+            out = [v if v.name == "raw" else dataclasses.replace(v, name=f"{v.name}-xa", exclude_anomalies=True)
+                   for v in out]
         return out
 
 
@@ -174,6 +180,7 @@ class Variant:
     window: int | None = 1
     half_life: float | None = None
     schedule: str | None = None  # wsm's decay shape
+    exclude_anomalies: bool = False  # inputs without the steps ckptavg inspect flags (the sweep drops them)
 
 
 # YAML → dataclasses ----------------------------------------------------------------------------
