@@ -81,6 +81,19 @@ def test_schedule_and_pythia_save_steps():
     assert TrainConfig(lr=0.01).key() != cfg.key() and TrainConfig().key() == cfg.key()
 
 
+@pytest.mark.parametrize("what", ["tokenizer", "arithmetic"])
+def test_the_cache_key_covers_the_tokenizer_and_the_arithmetic(monkeypatch, what):
+    """A run trained with another tokenizer, or other kernels/threads, is not reused."""
+    from ckptavg.demo import synthlang, train
+
+    before = DEMO.key()
+    if what == "tokenizer":
+        monkeypatch.setitem(synthlang.TOKENIZER_SETTINGS, "add_prefix_space", True)
+    else:
+        monkeypatch.setitem(train.ARITHMETIC, "ATEN_CPU_CAPABILITY", "avx512")
+    assert DEMO.key() != before
+
+
 @pytest.mark.slow  # needs the trained demo run (~40 s when not cached)
 def test_tokenizer_is_byte_level_bpe_with_pythia_specials(demo_run):
     from transformers import AutoTokenizer
@@ -213,6 +226,10 @@ def test_demo_numbers_are_the_sweep_tables_and_match_independent_oracles(demo_ru
     out.mkdir()
     (out / demo_run.name).symlink_to(demo_run, target_is_directory=True)
     r = run_demo(out, plot=False, progress=False)
+
+    def traj_steps(at: int) -> list[int]:
+        return discover(demo_run).window(5, at=at).steps
+
     steps = list(DEMO.save_steps())
     assert sorted(r.raw) == steps and sorted(r.lawa) == sorted(r.ema) == [s for s in steps if s >= 40]
 
@@ -220,7 +237,12 @@ def test_demo_numbers_are_the_sweep_tables_and_match_independent_oracles(demo_ru
     rows = load_results(out / "demo-sweep" / "held-out")
     table = {(x["variant"], x["step"]): x["value"] for x in rows if x["metric"] == "loss"}
     assert {("raw", s): v for s, v in r.raw.items()} | {("uniform5", s): v for s, v in r.lawa.items()} \
-        | {("ema-h30", s): v for s, v in r.ema.items()} == table
+        | {("ema-h30", s): v for s, v in r.ema.items()} | {("wsm-1-sqrt5", s): v for s, v in r.wsm.items()} \
+        | {("wma5", s): v for s, v in r.wma.items()} | {("uniform5-xa", s): v for s, v in r.lawa_xa.items()} == table
+    assert sorted(r.wsm) == sorted(r.wma) == sorted(r.lawa)
+    # --exclude-anomalies at the 5 targets whose window holds the spiked step 320: it, and only it, is left out
+    assert sorted(r.lawa_xa) == [320, 340, 360, 380, 400]
+    assert r.xa_inputs == {s: [x for x in traj_steps(s) if x != 320] for s in r.lawa_xa}
     assert r.gains("high-lr") == {s: r.raw[s] - r.lawa[s] for s in r.lawa if 20 < s <= 480}
 
     # Independent oracles: the model from its folder, and fp64 averages loaded into it by hand.
@@ -234,13 +256,26 @@ def test_demo_numbers_are_the_sweep_tables_and_match_independent_oracles(demo_ru
 
     assert r.raw[300] == pytest.approx(loss(), abs=1e-6)
     traj = discover(demo_run)
+    # WSM 1-sqrt over 5 checkpoints 20 steps apart: the decay f(τ) = 1 − √τ runs over 100 steps from half
+    # a gap before the first (τ = 0) to half a gap after the last; w_j is f's mean over update j's 20 steps
+    # (j = 1..4 between consecutive checkpoints); c_0 = 1 − w_1, c_j = w_j − w_{j+1}, c_4 = w_4.
+    def mean_f(a: float, b: float) -> float:  # the exact mean of 1 − √τ over [a, b]: ∫ = τ − ⅔τ^1.5
+        return ((b - 2 / 3 * b**1.5) - (a - 2 / 3 * a**1.5)) / (b - a)
+
+    f = [mean_f((10 + 20 * (j - 1)) / 100, (10 + 20 * j) / 100) for j in (1, 2, 3, 4)]
+    wsm = [1 - f[0], f[0] - f[1], f[1] - f[2], f[2] - f[3], f[3]]
     for curve, ins, w in (("lawa", traj.window(5, at=300).steps, None),
-                          ("ema", traj.between(None, 300).steps, [0.5 ** ((300 - s) / 30) for s in traj.between(None, 300).steps])):
+                          ("ema", traj.between(None, 300).steps, [0.5 ** ((300 - s) / 30) for s in traj.between(None, 300).steps]),
+                          ("wsm", traj.window(5, at=300).steps, wsm),
+                          ("wma", traj.window(5, at=300).steps, [1.0, 2.0, 3.0, 4.0, 5.0])):
         w = torch.tensor(w or [1.0] * len(ins), dtype=torch.float64)
         w /= w.sum()
         states = _states(demo_run, ins)
         _load_into(model, {k: sum(wi * st[k].double() for wi, st in zip(w, states)).float() for k in states[0]})
         assert getattr(r, curve)[300] == pytest.approx(loss(), abs=1e-6), curve
+    states = _states(demo_run, [240, 260, 280, 300])  # LAWA at 320 without the spiked checkpoint
+    _load_into(model, {k: (sum(st[k].double() for st in states) / 4).float() for k in states[0]})
+    assert r.lawa_xa[320] == pytest.approx(loss(), abs=1e-6) and r.lawa_xa[320] < r.lawa[320] < r.raw[320]
 
     # Zero-shot: the zero-shot table's accuracies at 3 steps, raw/LAWA/EMA, as score() gives them directly.
     assert [(z["step"], z["variant"]) for z in r.zero_shot] == [(s, v) for s in (320, 480, 600) for v in ("raw", "lawa", "ema")]
@@ -277,7 +312,54 @@ def test_a_missing_extra_is_named_before_training(tmp_path, monkeypatch, module,
 
 def test_importing_the_demo_modules_stays_light():
     code = ("import sys, ckptavg.demo, ckptavg.demo.synthlang, ckptavg.demo.train, ckptavg.demo.run, ckptavg.cli, "
-            "ckptavg.sweep, ckptavg.sweep.plot; "
+            "ckptavg.sweep, ckptavg.sweep.plot, ckptavg.demo.study, ckptavg.demo.study_report, ckptavg.cli.study; "
             "print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# The smallest run the demo supports: 40 steps, every feature of the schedule (warm-up, spike, cool-down).
+TINY = {"n_train": 1500, "n_heldout": 40, "steps": 40, "warmup": 5, "spike_end": 30, "cooldown": 10, "save_every": 10}
+_TRAIN_AND_SCORE = """
+import json, sys
+from dataclasses import replace
+from ckptavg.demo import DEMO, pin_arithmetic, run_demo
+assert pin_arithmetic()  # as `ckptavg demo` does, before torch is imported
+import torch
+torch.set_num_threads(2)  # the caller's threads: the demo must not depend on them
+from ckptavg.sweep import load_results
+r = run_demo(sys.argv[1], config=replace(DEMO, **json.loads(sys.argv[2])), zero_shot=False, plot=False, progress=False)
+rows = load_results(r.sweep / "held-out")
+print(json.dumps(sorted([x["variant"], x["step"], x["metric"], x["value"]] for x in rows)))
+"""
+
+
+@pytest.mark.slow  # two tiny trainings in fresh processes, ~1-2 min on 2 loaded cores
+def test_the_demo_is_bit_identical_whatever_the_threads_and_cpu_kernels(tmp_path):
+    """Trained and scored twice in fresh processes, one with the CPU's own kernels (AVX-512 here),
+    two OpenMP/MKL threads and MKL's automatic code path asked for: the same weights, bit for bit,
+    and the same scores table. Without train.ARITHMETIC the second run sums in another order
+    (measured: the weights differ from the first update on, the losses in the 9th digit)."""
+    import os
+
+    envs = [{"OMP_NUM_THREADS": "1"},
+            {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO"}]
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_AND_SCORE, str(tmp_path / f"out{i}"), json.dumps(TINY)],
+                              env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, env in enumerate(envs)]
+    tables = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-2000:]
+        tables.append(json.loads(out.splitlines()[-1]))
+    runs = [tmp_path / f"out{i}" / "pythia-critter" for i in range(2)]
+    steps = list(TrainConfig(**TINY).save_steps())  # type: ignore[arg-type]
+    assert sorted(int(p.name[4:]) for p in runs[0].glob("step*")) == steps
+    for s in steps:
+        a, b = ((r / f"step{s}" / "model.safetensors").read_bytes() for r in runs)
+        assert a == b, f"step{s} differs"
+    stamps = [json.loads((r / "ckptavg-demo.json").read_text()) for r in runs]
+    assert stamps[0]["log"] == stamps[1]["log"] and stamps[0]["versions"]["cpu_capability"] == "AVX2"
+    assert tables[0] == tables[1]
+    variants = {v for v, *_ in tables[0]}
+    assert {"raw", "uniform5"} <= variants and len(tables[0]) > 2 * len(steps)

@@ -38,7 +38,8 @@ SWEEP_DIR = "demo-sweep"  # not "sweep": recipes/demo.yaml writes example/sweep,
 HELD_OUT_DIR = "held-out"
 ZERO_SHOT_DIR = "zero-shot"
 SWEEP_KEY = "demo.json"  # in SWEEP_DIR: which run and settings its tables were scored for
-CURVES = ("raw", "lawa", "ema")  # DemoResult's names for the sweep's raw, uniform{k} and ema-h{h}
+# DemoResult's names for the sweep's raw, uniform{k}, ema-h{h}, wsm-{schedule}{k} and wma{k}
+CURVES = ("raw", "lawa", "ema", "wsm", "wma", "lawa_xa")  # lawa_xa: uniform{k}-xa, --exclude-anomalies
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class DemoConfig:
 
     window: int = 5  # LAWA's k: checkpoints 80 training steps apart from first to last
     ema_half_life: float = 30.0  # steps: the EMA's mean age (~43 steps) is close to LAWA-5's (40)
+    # WSM over LAWA's window, with the decay shape the WSM paper found best, and PMA's WMA over the
+    # same window: the same checkpoints weighted three ways
+    wsm_schedule: str = "1-sqrt"
+    # Also LAWA without the checkpoints `ckptavg inspect` flags (merge --exclude-anomalies), at the
+    # targets whose window holds the spike: what spike-aware averaging changes there
+    exclude_anomalies: bool = True
     zero_shot_steps: int = 3  # lm-eval costs ~1 s a call: raw/LAWA/EMA are scored at this many steps only
     batch_size: int = 64  # held-out windows per forward pass
 
@@ -64,6 +71,10 @@ class DemoResult:
     lawa: dict[int, float]
     ema: dict[int, float]
     zero_shot: list[dict[str, Any]] = field(default_factory=list)  # {"step", "variant", "acc"}
+    wsm: dict[int, float] = field(default_factory=dict)  # WSM (DemoConfig.wsm_schedule) over LAWA's window
+    wma: dict[int, float] = field(default_factory=dict)  # WMA (weights 1..k, newest largest) over it
+    lawa_xa: dict[int, float] = field(default_factory=dict)  # LAWA without the flagged checkpoints, near the spike
+    xa_inputs: dict[int, list[int]] = field(default_factory=dict)  # the steps lawa_xa averaged, by target
     plot: Path | None = None
     merged: Path | None = None
     sweep: Path | None = None  # the folder of the sweeps' tables (held-out/, zero-shot/)
@@ -73,7 +84,7 @@ class DemoResult:
 
         Args:
             phase: ``high-lr`` or ``cooldown`` (:meth:`TrainConfig.phase`).
-            curve: ``lawa`` or ``ema``.
+            curve: ``lawa``, ``ema``, ``wsm`` or ``wma``.
 
         Returns:
             Step → raw − average (> 0 where averaging wins).
@@ -92,7 +103,9 @@ class DemoResult:
 
         return {"run": str(self.run), "config": asdict(self.config), "demo": asdict(self.demo),
                 "trained": self.trained, "seconds": dict(self.seconds), "raw": dict(self.raw),
-                "lawa": dict(self.lawa), "ema": dict(self.ema), "zero_shot": [dict(z) for z in self.zero_shot],
+                "lawa": dict(self.lawa), "ema": dict(self.ema), "wsm": dict(self.wsm), "wma": dict(self.wma),
+                "lawa_xa": dict(self.lawa_xa), "xa_inputs": {s: list(v) for s, v in self.xa_inputs.items()},
+                "zero_shot": [dict(z) for z in self.zero_shot],
                 "plot": path(self.plot), "merged": path(self.merged), "sweep": path(self.sweep)}
 
 
@@ -115,7 +128,8 @@ def zero_shot_steps(traj: Trajectory, config: TrainConfig = DEMO, demo: DemoConf
 def _averages(demo: DemoConfig) -> Variants:
     from ..sweep import Variants
 
-    return Variants(raw=False, uniform=(demo.window,), ema_half_life=(demo.ema_half_life,))
+    return Variants(raw=False, uniform=(demo.window,), ema_half_life=(demo.ema_half_life,), wsm=(demo.window,),
+                    wsm_schedule=demo.wsm_schedule, wma=(demo.window,))
 
 
 def curve_names(demo: DemoConfig = DemoConfig()) -> dict[str, str]:
@@ -125,9 +139,13 @@ def curve_names(demo: DemoConfig = DemoConfig()) -> dict[str, str]:
         demo: the LAWA window and EMA half-life.
 
     Returns:
-        Variant name → curve, e.g. ``{"raw": "raw", "uniform5": "lawa", "ema-h30": "ema"}``.
+        Variant name → curve, e.g. ``{"raw": "raw", "uniform5": "lawa", "ema-h30": "ema",
+        "wsm-1-sqrt5": "wsm", "wma5": "wma"}``.
     """
-    return {"raw": "raw"} | dict(zip([v.name for v in _averages(demo).expand()], CURVES[1:]))
+    from ..sweep import Variants
+
+    xa = Variants(raw=False, uniform=(demo.window,), exclude_anomalies=True).expand()[0].name
+    return {"raw": "raw"} | dict(zip([v.name for v in _averages(demo).expand()], CURVES[1:5])) | {xa: "lawa_xa"}
 
 
 def demo_recipes(run: Path, data: DemoData, sweep: Path, zero_shot: Sequence[int], config: TrainConfig = DEMO,
@@ -158,11 +176,18 @@ def demo_recipes(run: Path, data: DemoData, sweep: Path, zero_shot: Sequence[int
         Recipe(str(run), str(sweep / HELD_OUT_DIR), held, variants=Variants(raw=True)),
         Recipe(str(run), str(sweep / HELD_OUT_DIR), held, steps=Selection(start=first), variants=averages),
     ]}
+    # the targets whose window holds the spiked checkpoint
+    spiked = tuple(s for s in config.save_steps() if config.spike_end <= s < config.spike_end + demo.window * config.save_every)
+    if demo.exclude_anomalies and spiked:
+        out[HELD_OUT_DIR].append(Recipe(str(run), str(sweep / HELD_OUT_DIR), held, steps=Selection(steps=spiked),
+                                        variants=Variants(raw=False, uniform=(demo.window,), exclude_anomalies=True)))
     if zero_shot:
         tasks = EvalSpec(tasks=(TASK_NAME,), include_path=(str(data.task_dir),), batch_size=32, dtype="float32",
                          offline=True)
+        # raw, LAWA and EMA only: each lm-eval call costs ~1 s, and 144 items cannot tell 5 weightings apart
+        three = replace(averages, raw=True, wsm=(), wma=())
         out[ZERO_SHOT_DIR] = [Recipe(str(run), str(sweep / ZERO_SHOT_DIR), tasks, steps=Selection(steps=tuple(zero_shot)),
-                                     variants=replace(averages, raw=True))]
+                                     variants=three)]
     return out
 
 
@@ -310,10 +335,13 @@ def run_demo(
 
     t0 = time.perf_counter()
     with _threads(config.threads):
-        curves = _curves(_sweep(recipes[HELD_OUT_DIR], progress), HELD_OUT, "loss", names)
+        held_rows = _sweep(recipes[HELD_OUT_DIR], progress)
+    curves = _curves(held_rows, HELD_OUT, "loss", names)
     seconds["score"] = time.perf_counter() - t0
     result = DemoResult(run, config, demo, bool(stamp["trained"]), seconds, curves["raw"], curves["lawa"],
-                        curves["ema"], sweep=sweep)
+                        curves["ema"], sweep=sweep, wsm=curves["wsm"], wma=curves["wma"], lawa_xa=curves["lawa_xa"])
+    result.xa_inputs = {r["step"]: [i["step"] for i in r["provenance"].get("inputs", [])] for r in held_rows
+                        if names.get(r["variant"]) == "lawa_xa" and r["status"] == "ok" and r["metric"] == "loss"}
     result.merged = average(traj.window(demo.window), out / f"{RUN_NAME}-uniform{demo.window}-step{traj.steps[-1]}",
                             force=True, progress=False)
     if zero_shot:
@@ -352,16 +380,21 @@ def save_plot(result: DemoResult, path: str | os.PathLike[str]) -> Path:
     if result.sweep is None:
         raise CkptavgError("this demo result has no sweep tables to plot (run_demo writes them)")
     cfg, d = result.config, result.demo
-    legend = {"raw": "raw checkpoint", "lawa": f"LAWA k={d.window}", "ema": f"EMA half-life {d.ema_half_life:g} steps"}
+    legend = {"raw": "raw checkpoint", "lawa": f"LAWA k={d.window}", "ema": f"EMA half-life {d.ema_half_life:g} steps",
+              "wsm": f"WSM {d.wsm_schedule} k={d.window}", "wma": f"WMA k={d.window}",
+              "lawa_xa": f"LAWA k={d.window}, --exclude-anomalies"}
     look = {"raw": {"color": "0.4", "linewidth": 1.2, "linestyle": "-", "marker": ".", "markersize": 4},
             "lawa": {"color": "C3", "linewidth": 1.8, "marker": None},
-            "ema": {"color": "C0", "linewidth": 1.2, "linestyle": "--", "marker": None}}
+            "ema": {"color": "C0", "linewidth": 1.2, "linestyle": "--", "marker": None},
+            "wsm": {"color": "C1", "linewidth": 1.0, "linestyle": "-.", "marker": None},
+            "wma": {"color": "C4", "linewidth": 1.0, "linestyle": ":", "marker": None},
+            "lawa_xa": {"color": "C3", "linewidth": 0, "marker": "x", "markersize": 6}}
     names = curve_names(d)
     first = 2 * cfg.save_every
     # The averages start far above the raw curve (they still hold step 0's weights): keep the
     # y range to the raw curve's, so the spike and the cool-down stay readable.
     shown = [v for s, v in result.raw.items() if s >= first]
-    low = min(shown + list(result.lawa.values()) + list(result.ema.values()))
+    low = min(shown + [v for c in (result.lawa, result.ema, result.wsm, result.wma) for v in c.values()])
     marks = [Mark(cfg.steps - cfg.cooldown, cfg.steps, "cool-down", "C2"),
              Mark(cfg.spike_end, None, f"LR x{cfg.spike_factor:g} for {cfg.spike_steps} steps", "C3")]
     return plot_results(result.sweep / HELD_OUT_DIR, path, tasks=[HELD_OUT], metrics=["loss"], start=first,

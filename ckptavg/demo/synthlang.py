@@ -41,6 +41,13 @@ GENERATOR_VERSION = 1
 
 EOS = "<|endoftext|>"  # Pythia's end-of-text token, id 0
 PAD = "<|padding|>"  # Pythia's padding token, id 1
+# Everything :func:`train_tokenizer` decides besides the texts and the vocabulary size: part of the
+# demo run's cache key, so a change here retrains rather than reusing a run with another tokenizer.
+TOKENIZER_SETTINGS: dict[str, Any] = {
+    "model": "bpe", "byte_level": True, "add_prefix_space": False, "trim_offsets": False,
+    "special_tokens": [EOS, PAD], "bos": EOS, "eos": EOS, "unk": EOS, "pad": PAD, "model_max_length": 2048,
+    "clean_up_tokenization_spaces": False,
+}
 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "grey", "brown")
 HOMES = ("marsh", "forest", "cave", "river", "hill", "desert", "meadow", "lake")
@@ -278,17 +285,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    t = TOKENIZER_SETTINGS
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=t["add_prefix_space"])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+    tok.post_processor = processors.ByteLevel(trim_offsets=t["trim_offsets"])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(t["special_tokens"]), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     # clean_up_tokenization_spaces=False: decode gives back the text on every transformers version
     # (4.x defaulted to True, which drops the space before "." that byte-level BPE keeps)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                   pad_token=PAD, model_max_length=2048, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=t["bos"], eos_token=t["eos"], unk_token=t["unk"],
+                                   pad_token=t["pad"], model_max_length=t["model_max_length"],
+                                   clean_up_tokenization_spaces=t["clean_up_tokenization_spaces"])
 
 
 __all__ = ["Corpus", "Creature", "corpus", "train_tokenizer", "world", "write_jsonl", "write_task"]

@@ -22,12 +22,37 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutputError
+from ..errors import CkptavgError, OutputError
 from . import synthlang
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
+
+# The training process's environment, set before it imports torch: the same code path, hence the
+# same bits, on every x86-64 CPU with AVX2 whatever the user's own settings. torch picks its
+# vectorised kernels (AVX-512 or AVX2) and MKL its GEMM kernels by CPU model, and a different kernel
+# sums in another order: bit-for-bit equal runs need both pinned (MKL's "conditional numerical
+# reproducibility"). One thread for OpenMP and MKL, whatever OMP_NUM_THREADS says outside.
+ARITHMETIC = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AVX2",
+              "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+              "PYTHONHASHSEED": "0"}
+
+def pin_arithmetic() -> bool:
+    """Put :data:`ARITHMETIC` in this process's environment if torch is not imported yet, so that
+    scoring, like training, takes the same kernels on every run (``ckptavg demo`` and ``ckptavg
+    study`` call it first). Once torch is loaded its kernels are chosen: nothing is changed.
+
+    Returns:
+        True if the environment was set.
+    """
+    import sys
+
+    if "torch" in sys.modules:
+        return False
+    os.environ.update(ARITHMETIC)
+    return True
+
 
 RUN_NAME = "pythia-critter"
 STAMP = "ckptavg-demo.json"  # in the run folder: the recipe it was trained with, and the training log
@@ -69,15 +94,20 @@ class TrainConfig:
     # Checkpoints: Pythia saves step0, log-spaced 1, 2, 4 … 512, then every 1000; here the powers
     # of two below the interval, then every 20 steps (a LAWA window of 5 spans 80 steps).
     save_every: int = 20
-    threads: int = 2  # torch threads while training and scoring: fixed, so a run is reproducible
+    # torch threads while training and scoring. One: the arithmetic (every sum's order) is then the
+    # same on any machine, and on a loaded one it is faster than two, whose OpenMP threads spin
+    # waiting for each other (measured here at load 12: 1.3 s a step with one, 10 s with two).
+    threads: int = 1
 
     def key(self) -> str:
         """The run's cache key: a cached run is reused only if it matches.
 
         Returns:
-            16 hex digits of the hash of the recipe and the generator version.
+            16 hex digits of the hash of the recipe, the generator version, the tokenizer's settings
+            and the arithmetic the run is trained with (:data:`ARITHMETIC`).
         """
-        blob = json.dumps({"config": asdict(self), "generator": synthlang.GENERATOR_VERSION}, sort_keys=True)
+        blob = json.dumps({"config": asdict(self), "generator": synthlang.GENERATOR_VERSION,
+                           "tokenizer": synthlang.TOKENIZER_SETTINGS, "arithmetic": ARITHMETIC}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def save_steps(self) -> tuple[int, ...]:
@@ -210,8 +240,11 @@ def build_run(run: str | os.PathLike[str], config: TrainConfig = DEMO, *, progre
     """Train the demo run into ``run/step{S}/`` (Pythia's layout), or reuse it if it is there.
 
     A finished run carries ``ckptavg-demo.json`` (its recipe's key and the training log); a run
-    with another key, or an unfinished one, is trained again. Training writes to a hidden sibling
-    folder renamed into place at the end, so an interrupted run never looks finished.
+    with another key, or an unfinished one, is trained again. Training runs in a fresh Python
+    process with :data:`ARITHMETIC` in its environment (set before torch is imported), so the
+    weights are the same bits on every run, whatever this process's threads and environment. It
+    writes to a hidden sibling folder renamed into place at the end, so an interrupted run never
+    looks finished.
 
     Args:
         run: the run folder.
@@ -220,83 +253,118 @@ def build_run(run: str | os.PathLike[str], config: TrainConfig = DEMO, *, progre
 
     Returns:
         ``(run, stamp)``; the stamp holds ``key``, ``config``, ``seconds`` (training time),
-        ``log`` (per update: ``lr`` and training ``loss``) and ``trained`` (False: reused).
+        ``log`` (per update: ``lr`` and training ``loss``), ``versions`` (torch, transformers,
+        tokenizers, the CPU capability used) and ``trained`` (False: reused).
 
     Raises:
         OutputError: ``run`` exists, is not empty and was not made by the demo.
+        CkptavgError: the training process failed (its error is printed above).
 
     Example:
         >>> run, stamp = build_run("example/pythia-critter")          # doctest: +SKIP
     """
+    import subprocess
+    import sys
+
     run = Path(run)
     stamp = _cached(run, config)
     if stamp is not None:
         return run, stamp | {"trained": False}
     if run.is_dir() and any(run.iterdir()) and not (run / STAMP).is_file():
         raise OutputError(f"{run}: exists and was not made by ckptavg demo; choose another --out")
-    import torch
-    from tqdm import tqdm
-    from transformers import GPTNeoXForCausalLM
-
-    t0 = time.perf_counter()
-    c = synthlang.corpus(config.seed, n_train=config.n_train, n_heldout=config.n_heldout)
-    tokenizer = synthlang.train_tokenizer(c.train, config.vocab_size)
-    rows = _packed(tokenizer, c.train, config.context)  # (N, T)
     tmp = run.parent / f".{run.name}.training-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    saves = set(config.save_steps())
-    log: dict[str, list[float]] = {"lr": [], "loss": []}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     try:
-        torch.manual_seed(config.seed)
-        model = GPTNeoXForCausalLM(_model_config(config, tokenizer))
-        decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
-        rest = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                 {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
-        g = torch.Generator().manual_seed(config.seed)
-        order = torch.cat([torch.randperm(len(rows), generator=g)
-                           for _ in range(1 + config.steps * config.batch_size // len(rows))])
-        model.train()
-        with _hf_bars_off(), tqdm(total=config.steps, desc="train", unit="step", disable=not progress,
-                                  leave=False) as bar:
-            for step in range(config.steps + 1):
-                if step in saves:
-                    model.save_pretrained(tmp / f"step{step}")
-                    tokenizer.save_pretrained(tmp / f"step{step}")
-                if step == config.steps:
-                    break
-                lr = config.lr_at(step)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x = rows[order[step * config.batch_size : (step + 1) * config.batch_size]]  # (B, T)
-                loss = model(input_ids=x, labels=x).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                opt.step()
-                log["lr"].append(lr)
-                log["loss"].append(round(loss.item(), 5))
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
+        # stderr is inherited: the child's progress bar and, if it fails, its traceback show here
+        code = "import sys; from ckptavg.demo.train import _train_main; _train_main(sys.argv[1:])"
+        args = [str(tmp), json.dumps(asdict(config)), "1" if progress else "0"]
+        done = subprocess.run([sys.executable, "-c", code, *args], env=os.environ | ARITHMETIC,
+                              stdout=subprocess.DEVNULL, check=False)
+        if done.returncode != 0 or not (tmp / STAMP).is_file():
+            raise CkptavgError(f"{run}: training the demo run failed (exit code {done.returncode}; "
+                               "the training process's error is above)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        torch.set_num_threads(threads)
-    stamp = {"key": config.key(), "config": asdict(config), "generator": synthlang.GENERATOR_VERSION,
-             "seconds": round(time.perf_counter() - t0, 1), "log": log}
-    (tmp / STAMP).write_text(json.dumps(stamp) + "\n")
-    done = _cached(run, config)  # another process finished the same run meanwhile: keep theirs
-    if done is not None:
+    stamp = json.loads((tmp / STAMP).read_text())
+    finished = _cached(run, config)  # another process finished the same run meanwhile: keep theirs
+    if finished is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-        return run, done | {"trained": False}
+        return run, finished | {"trained": False}
     if run.exists():
         shutil.rmtree(run)  # an older recipe's run (checked above to be the demo's)
     tmp.rename(run)
     return run, stamp | {"trained": True}
 
 
-__all__ = ["DEMO", "RUN_NAME", "STAMP", "TASK_NAME", "DemoData", "TrainConfig", "build_run", "write_data"]
+def _train_main(argv: Sequence[str]) -> None:
+    """The training process (:func:`build_run`): ``FOLDER CONFIG_JSON PROGRESS``."""
+    folder, blob, progress = argv
+    fields = json.loads(blob)
+    fields["betas"] = tuple(fields["betas"])
+    _train(Path(folder), TrainConfig(**fields), progress=progress == "1")
+
+
+def _train(tmp: Path, config: TrainConfig, *, progress: bool) -> None:
+    """Train ``config`` into ``tmp/step{S}/`` and write the stamp last. Deterministic: one thread,
+    deterministic algorithms, every seed from ``config.seed``, data order from a seeded generator."""
+    import platform
+
+    import tokenizers
+    import torch
+    import transformers
+    from tqdm import tqdm
+    from transformers import GPTNeoXForCausalLM
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.set_float32_matmul_precision("highest")
+    transformers.set_seed(config.seed)  # Python's random, numpy and torch
+    c = synthlang.corpus(config.seed, n_train=config.n_train, n_heldout=config.n_heldout)
+    tokenizer = synthlang.train_tokenizer(c.train, config.vocab_size)
+    rows = _packed(tokenizer, c.train, config.context)  # (N, T)
+    saves = set(config.save_steps())
+    log: dict[str, list[float]] = {"lr": [], "loss": []}
+    torch.manual_seed(config.seed)
+    model = GPTNeoXForCausalLM(_model_config(config, tokenizer))
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=config.betas,
+                            foreach=False)  # the plain per-tensor loop: one code path everywhere
+    g = torch.Generator().manual_seed(config.seed)
+    order = torch.cat([torch.randperm(len(rows), generator=g)
+                       for _ in range(1 + config.steps * config.batch_size // len(rows))])
+    model.train()
+    with _hf_bars_off(), tqdm(total=config.steps, desc="train", unit="step", disable=not progress,
+                              leave=False) as bar:
+        for step in range(config.steps + 1):
+            if step in saves:
+                model.save_pretrained(tmp / f"step{step}")
+                tokenizer.save_pretrained(tmp / f"step{step}")
+            if step == config.steps:
+                break
+            lr = config.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = rows[order[step * config.batch_size : (step + 1) * config.batch_size]]  # (B, T)
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=False)
+            opt.step()
+            log["lr"].append(lr)
+            log["loss"].append(round(loss.item(), 5))
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.update()
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
+    stamp = {"key": config.key(), "config": asdict(config), "generator": synthlang.GENERATOR_VERSION,
+             "seconds": round(time.perf_counter() - t0, 1), "versions": versions, "log": log}
+    (tmp / STAMP).write_text(json.dumps(stamp) + "\n")
+
+
+__all__ = ["ARITHMETIC", "DEMO", "RUN_NAME", "STAMP", "TASK_NAME", "DemoData", "TrainConfig", "build_run", "pin_arithmetic", "write_data"]
