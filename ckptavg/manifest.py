@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .tokens import learning_rates
 from .trajectory import Checkpoint
 
 MANIFEST_NAME = "ckptavg.json"
@@ -48,8 +49,13 @@ def build(
 ) -> dict[str, Any]:
     """The record of one averaged model; ``files`` (folder outputs only) lists everything the folder holds."""
     inputs = []
+    rates = learning_rates(checkpoints)  # where the run logged it (HF Trainer), else None and not recorded
     for i, (c, w) in enumerate(zip(checkpoints, weights)):
         entry: dict[str, Any] = {"step": c.step, "location": c.location, "format": c.format, "weight": w}
+        if rates[i] is not None:
+            entry["learning_rate"] = rates[i]
+        if c.format == "zero":  # DeepSpeed ZeRO: not the model-states file, the optimizer's fp32 partitions
+            entry["weights_from"] = "fp32 master weights from the DeepSpeed ZeRO optimizer states"
         if c.source is not None:  # a Hub branch can move; the commit says which bytes were averaged
             entry["commit"] = c.source.commit
         if hashes:

@@ -30,8 +30,9 @@ _OLMO = re.compile(r"-tokens(\d+(?:\.\d+)?)B$")
 _TOKEN_KEYS = ("num_input_tokens_seen", "num_tokens", "tokens")
 
 
-def _logged(checkpoints: Sequence[Checkpoint]) -> dict[int, float]:
-    """step → tokens from every checkpoint folder's trainer_state.json (unreadable ones are skipped)."""
+def _logged(checkpoints: Sequence[Checkpoint], keys: Sequence[str] = _TOKEN_KEYS) -> dict[int, float]:
+    """step → the first of ``keys`` logged at that step (positive numbers), from every checkpoint
+    folder's trainer_state.json (unreadable ones are skipped)."""
     seen: dict[int, float] = {}
     for c in checkpoints:
         for folder in {Path(c.location), *([c.config_dir] if c.config_dir else [])}:
@@ -43,7 +44,7 @@ def _logged(checkpoints: Sequence[Checkpoint]) -> dict[int, float]:
             for entry in history if isinstance(history, list) else []:
                 if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
                     continue
-                n = next((entry[k] for k in _TOKEN_KEYS if isinstance(entry.get(k), (int, float))), None)
+                n = next((entry[k] for k in keys if isinstance(entry.get(k), (int, float))), None)
                 if n is not None and n > 0:
                     seen[entry["step"]] = float(n)
     return seen
@@ -99,4 +100,22 @@ def tokens_seen(checkpoints: Sequence[Checkpoint], tokens_per_step: float | None
                       "no -tokensNB branch names, not EleutherAI/pythia); pass --tokens-per-step N")
 
 
-__all__ = ["PYTHIA_TOKENS_PER_STEP", "tokens_seen"]
+def learning_rates(checkpoints: Sequence[Checkpoint]) -> list[float | None]:
+    """The learning rate each checkpoint was trained at, where the run records it: HF Trainer's
+    ``trainer_state.json`` logs ``learning_rate`` every ``logging_steps`` (at step s, the rate of
+    step s's own update); a checkpoint gets the last value logged at or before its step (None where nothing was logged by then, or no run
+    folder records it — Lightning, nanoGPT, DCP and Hub runs keep no such log we can read).
+
+    >>> learning_rates([Checkpoint(10, "runs/none/step10", "safetensors")])
+    [None]
+    """
+    logged = _logged(checkpoints, ("learning_rate",))
+    at = sorted(logged)
+    out: list[float | None] = []
+    for c in checkpoints:
+        before = [s for s in at if s <= c.step]
+        out.append(logged[before[-1]] if before else None)
+    return out
+
+
+__all__ = ["PYTHIA_TOKENS_PER_STEP", "learning_rates", "tokens_seen"]

@@ -44,7 +44,7 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = TrainingArguments(
         output_dir=str(run), max_steps=MAX_STEPS, save_steps=SAVE_STEPS, per_device_train_batch_size=4,
         learning_rate=1e-2,  # large, so consecutive checkpoints differ clearly
-        report_to="none", use_cpu=True, logging_steps=100, disable_tqdm=True, seed=0,
+        report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0,  # logs the LR at every step
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(64))
     trainer.train()
@@ -127,3 +127,18 @@ def test_series_window(trainer_run: Path, tmp_path: Path) -> None:
     assert targets == [4, 6, 8, 10]
     for s in targets:
         _assert_model(out / f"step{s}", _expected(trainer_run, {s - SAVE_STEPS: 1.0, s: 1.0}))
+
+
+def test_learning_rate_recorded_by_the_trainer_is_listed_and_kept_in_the_manifest(trainer_run: Path, tmp_path: Path) -> None:
+    # Trainer's default schedule: linear from 1e-2 to 0 over MAX_STEPS; step s logs the rate of its own update.
+    want = {s: 1e-2 * (MAX_STEPS - s + 1) / MAX_STEPS for s in range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS)}
+    r = CliRunner().invoke(cli, ["list", str(trainer_run), "--json"])
+    assert r.exit_code == 0, r.output
+    got = {c["step"]: c["learning_rate"] for c in json.loads(r.output)["checkpoints"]}
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
+    listed = CliRunner().invoke(cli, ["list", str(trainer_run)]).output
+    assert " lr " in listed.splitlines()[1] and f"{want[SAVE_STEPS]:.3g}" in listed
+    out = tmp_path / "lawa3"
+    assert CliRunner().invoke(cli, ["merge", str(trainer_run), "--window", "3", "-o", str(out), "-q"]).exit_code == 0
+    inputs = json.loads((out / "ckptavg.json").read_text())["inputs"]
+    assert [i["learning_rate"] for i in inputs] == pytest.approx([want[i["step"]] for i in inputs], rel=1e-6, abs=1e-12)
