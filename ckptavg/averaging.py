@@ -20,15 +20,17 @@ from . import manifest as _manifest
 from . import methods, sources
 from .engine import ACCUMULATORS, stream
 from .errors import SelectionError, UsageError
+from .io import formats
 from .io.dtypes import DType, parse_dtype
 from .io.files import load_json
-from .io.layout import CONFIG_FILES, read_tensors
+from .io.layout import CONFIG_FILES, code_files, read_tensors, weights_stem
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo, parse_size
 from .io.sinks import SafetensorsDirSink, Sink, StateDictSink, atomic_directory, check_inputs, check_output
+from .keys import strip_plan
 from .selection import Selection
 from .tokens import tokens_seen
-from .trajectory import HUB_PREFIX, Checkpoint, Trajectory, check_compatible
+from .trajectory import HUB_PREFIX, Checkpoint, Trajectory, check_compatible, check_step_units
 
 
 def ensure_tensors(ckpts: Sequence[Checkpoint]) -> list[Checkpoint]:
@@ -45,7 +47,7 @@ def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]
     copied: list[str] = []
     if src is None:
         return copied
-    for name in CONFIG_FILES:
+    for name in (*CONFIG_FILES, *code_files(src)):  # with auto_map's modeling_*.py: trust_remote_code loads the output
         p = src / name
         if p.is_file():
             shutil.copyfile(p, dst / name)
@@ -61,6 +63,10 @@ def _copy_configs(src: Path | None, dst: Path, dtype: DType | None) -> list[str]
     return copied
 
 
+_ADAPTER_NOTE = ("LoRA A and B averaged separately: mean(B)·mean(A) is not mean(B·A); "
+                 "`--peft merged-delta` averages the products exactly")
+
+
 def finish_directory(
     tmp: Path, ckpts: Sequence[Checkpoint], weights: Sequence[float], method: str, params: dict[str, Any],
     out_dtype: DType | None, accumulate: str, root: str, hashes: dict[Path, str] | None = None,
@@ -70,6 +76,8 @@ def finish_directory(
     """Config/tokenizer files of the newest input and ``ckptavg.json`` next to the weights: what was
     averaged, how the folder was written, and each input's fingerprint (what a re-run compares)."""
     _copy_configs(ckpts[-1].config_dir, tmp, out_dtype)
+    if weights_stem(ckpts[-1].files) == "adapter_model":
+        note = {"peft": {"mode": "adapter", "why": _ADAPTER_NOTE}} | dict(note or {})
     files = sorted([p.name for p in tmp.iterdir()] + [_manifest.MANIFEST_NAME])
     _manifest.write(tmp, _manifest.build(
         ckpts, weights, method, params,
@@ -139,6 +147,7 @@ def method_weights(ckpts: Sequence[Checkpoint], method: str, params: dict[str, A
         MethodError: a bad method or parameters; tokens asked for where the run does not record them.
     """
     given = {k: v for k, v in params.items() if v is not None}
+    check_step_units(ckpts, given)
     steps = [c.step for c in ckpts]
     extra: dict[str, Any] = {}
     if given.get("half_life_tokens") is not None and method == "ema":
@@ -176,6 +185,9 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     threads: int | None = None,
     note: Mapping[str, Any] | None = None,
     progress: bool = True,
+    output_format: str = "hf",
+    exclude_anomalies: bool = False,
+    anomalies: str | os.PathLike[str] | None = None,
 ) -> Path | StateDict:
     """Average checkpoints, streaming one tensor chunk at a time.
 
@@ -204,6 +216,14 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         note: entries that replace or extend ``ckptavg.json``'s (e.g. ``{"method": …}`` saying
             why these checkpoints), written with it before the output appears.
         progress: show a tqdm bar (bytes read) on stderr.
+        exclude_anomalies: leave out the selected checkpoints :mod:`ckptavg.stability` flags (NaN/Inf,
+            a whole-model update spike), judged against the checkpoints of ``source`` before them;
+            ``ckptavg.json`` records which and why (``excluded``, ``exclusion``).
+        anomalies: as ``exclude_anomalies``, from this ``ckptavg inspect --json`` report instead.
+        output_format: ``hf`` (default: the folder above), ``same`` (the input's own format) or one
+            of ``nanogpt`` (``out/ckpt.pt``), ``lightning`` (``out/model.ckpt``), ``dcp`` (a
+            model-only DCP folder): the newest input's file with its model replaced by the average,
+            its optimizer state dropped (see :mod:`ckptavg.io.formats`). Holds one model in memory.
 
     Returns:
         The output directory, or a :class:`StateDict` (``{name: torch.Tensor}`` with a
@@ -218,7 +238,15 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         >>> average("runs/tiny", "tiny-lawa5", selection=Selection(window=5))   # doctest: +SKIP
         >>> sd = average(discover("runs/tiny").window(5))                       # doctest: +SKIP
     """
+    if isinstance(source, (str, os.PathLike)):
+        source = sources.discover(source)  # the whole run: the history the anomaly rule needs
     ckpts, root = _checkpoints(source, selection)
+    if exclude_anomalies or anomalies is not None:
+        from .stability import without_anomalies
+
+        ckpts, excluded = without_anomalies(source, ckpts, anomalies, threads=threads, progress=progress,
+                                            allow_duplicates=allow_duplicates)
+        note = excluded | dict(note or {})
     if accumulate not in ACCUMULATORS:
         raise UsageError(f"accumulate must be float32 or float64, got {accumulate!r}")
     given: dict[str, Any] = {"weights": list(weights) if weights is not None else None, "decay": decay,
@@ -229,6 +257,8 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
     dt = out_dtype.torch_name if out_dtype else "same as inputs"
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
+    if output_format != "hf" and (out is None or shard_bytes):
+        raise UsageError(f"--format {output_format} needs an output folder and no --max-shard-size (hf only)")
     stream_kw: dict[str, Any] = dict(accumulate=accumulate, allow_nonfinite=allow_nonfinite, progress=progress,
                                      threads=threads)
     if out is None:
@@ -242,6 +272,7 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
                                          hashes=hashes, fingerprints=prints) | dict(note or {})
         return state
     paths = input_paths(ckpts, root)
+    output_kind(ckpts, output_format)  # a format these inputs cannot give is refused before the lock too
     check_output(Path(out), force, paths)  # before the lock: a plain refusal needs no lock file
     # Locked from here to the rename: a second run writing the same folder is refused, not raced.
     with atomic_directory(Path(out), force=force, fsync=fsync, inputs=paths) as tmp:
@@ -249,7 +280,16 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         check_inputs(Path(out), input_paths(ckpts, root))  # again: downloads add files (the HF cache)
         hashes = {f: _manifest.sha256_file(f) for c in ckpts for f in c.files} if hash_inputs else None
         prints = [_manifest.fingerprint(c) for c in ckpts]  # before reading: a later change shows
-        dir_sink = SafetensorsDirSink(tmp, entries, shard_bytes, label=Path(os.path.abspath(out)))
+        fmt = output_kind(ckpts, output_format)[0]
+        if fmt != "hf":
+            record = _write_format(fmt, tmp, ckpts, w, plan, entries, stream_kw, Path(os.path.abspath(out)), fsync)
+            finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, root, hashes,
+                             fingerprints=prints, note={"format": record} | dict(note or {}))
+            return Path(os.path.abspath(out))
+        strip = strip_plan([e.name for e in entries], ckpts[-1].config_dir)  # HF names for from_pretrained
+        note = {"keys": strip[1]} | dict(note or {}) if strip else note
+        dir_sink = SafetensorsDirSink(tmp, entries, shard_bytes, label=Path(os.path.abspath(out)),
+                                      stem=weights_stem(ckpts[-1].files), strip=strip[0] if strip else "")
         try:
             _stream(ckpts, w, plan, entries, dir_sink, **stream_kw)
         except BaseException:
@@ -259,6 +299,37 @@ def average(  # type: ignore[misc]  # the overloads differ only in what out give
         finish_directory(tmp, ckpts, w, method, params, out_dtype, accumulate, root, hashes,
                          fingerprints=prints, max_shard_size=shard_bytes, note=note)
     return Path(os.path.abspath(out))
+
+
+def output_kind(ckpts: Sequence[Checkpoint], requested: str = "same") -> tuple[str, str | None]:
+    """(the format ``requested`` writes for these inputs, what the newest input is) — see
+    :func:`ckptavg.io.formats.resolve`; a Hub revision not yet downloaded counts as ``hf``.
+
+    Raises:
+        UsageError: the format cannot be written from these inputs (one line naming the newest).
+    """
+    c = ckpts[-1]
+    kind = "hf" if c.source is not None and not c.files else formats.input_kind(c.format, c.files, c.key)
+    return formats.resolve(requested, kind, str(c.files[0] if c.files else c.location), c.key), kind
+
+
+def _write_format(fmt: str, tmp: Path, ckpts: Sequence[Checkpoint], w: Sequence[float], plan: list[TensorInfo],
+                  entries: list[TensorInfo], stream_kw: dict[str, Any], label: Path, fsync: bool) -> dict[str, Any]:
+    """Average into memory (one model: ``torch.save`` and DCP's writer take the whole state dict), then
+    write ``fmt`` into ``tmp``; the ``format`` record of ``ckptavg.json``."""
+    sink = StateDictSink(entries)
+    _stream(ckpts, w, plan, entries, sink, **stream_kw)
+    newest = ckpts[-1]
+    if fmt != "dcp":
+        return formats.write_torch_file(fmt, tmp, sink.state_dict(), newest.files[0], label)
+    prefix: tuple[str, ...] = ()
+    dropped: list[str] = []
+    if newest.format == "dcp":
+        from .io.dcp import DcpFile
+
+        inner = DcpFile(newest.files[0], newest.key)
+        prefix, dropped = inner.prefix, sorted(inner.skipped)
+    return formats.write_dcp(tmp, sink.state_dict(), prefix, label, fsync, dropped)
 
 
 def _ready(ckpts: list[Checkpoint], allow_duplicates: bool, progress: bool,
@@ -290,4 +361,5 @@ def _stream(ckpts: Sequence[Checkpoint], w: Sequence[float], plan: list[TensorIn
                 r.close()
 
 
-__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory", "check_write_options", "input_paths"]
+__all__ = ["StateDict", "average", "ensure_tensors", "finish_directory", "check_write_options", "input_paths",
+           "output_kind"]

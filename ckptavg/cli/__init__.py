@@ -15,20 +15,35 @@ from typing import Any
 import click
 
 from .._version import __version__
+from ..errors import UsageError
+from .inspect import inspect_cmd, merge_exclusions
 from .options import (
     KEY_HELP,
     STEP_PATTERN_HELP,
+    anomaly_options,
     deprecated_alias,
+    format_option,
     friendly_errors,
     method_from,
     method_options,
     output_options,
+    peft_options,
     selection_from,
     selection_options,
+    steps_per_save_option,
     trajectory_options,
     write_options,
 )
-from .present import coarse_warning, human_bytes, preflight_report, weights_table
+from .present import (
+    coarse_warning,
+    format_notes,
+    human_bytes,
+    list_hint,
+    preflight_report,
+    step_source_note,
+    weights_table,
+)
+from .study import study_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,13 +53,18 @@ def cli() -> None:
     streamed one tensor at a time in bounded memory."""
 
 
+cli.add_command(inspect_cmd)
+cli.add_command(study_cmd)
+
+
 @cli.command("list")
 @click.argument("path")
 @click.option("--step-pattern", help=STEP_PATTERN_HELP)
 @click.option("--key", help=KEY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@steps_per_save_option
 @friendly_errors
-def list_cmd(path: str, step_pattern: str | None, key: str | None, as_json: bool) -> None:
+def list_cmd(path: str, step_pattern: str | None, key: str | None, as_json: bool, steps_per_save: int | None) -> None:
     """List the checkpoints of a run: step, format, size, dtype.
 
     PATH is a run folder, or hf://org/name for the step branches of a Hub model repo
@@ -52,26 +72,43 @@ def list_cmd(path: str, step_pattern: str | None, key: str | None, as_json: bool
     """
     from ..sources import discover
 
-    traj = discover(path, step_pattern=step_pattern, key=key)
+    traj = discover(path, step_pattern=step_pattern, key=key, steps_per_save=steps_per_save)
+    newest = traj[-1] if len(traj) else None
+    from ..io.formats import input_kind
+
+    kind = input_kind(newest.format, newest.files, newest.key) if newest is not None and newest.files else None
+    from ..tokens import learning_rates
+
     rows: list[dict[str, Any]] = []
-    for c in traj:
+    for c, lr in zip(traj, learning_rates(list(traj))):
         dtypes = sorted({t.dtype.name for t in (c.tensors or {}).values()})
         rows.append({
             "step": c.step, "format": c.format, "size": c.size, "dtypes": dtypes,
             "tensors": len(c.tensors or {}), "location": c.location,
             "duplicates": list(c.source.same_as) if c.source else [],
+            **({"step_from": c.step_from} if c.step_from else {}),
+            **({"learning_rate": lr} if lr is not None else {}),
         })
+    steps_note = step_source_note(traj)
     if as_json:
-        click.echo(json.dumps({"trajectory": traj.name, "checkpoints": rows, "ignored": list(traj.ignored)}, indent=2))
+        click.echo(json.dumps({"trajectory": traj.name, "checkpoints": rows, "ignored": list(traj.ignored),
+                               "input_format": kind, "steps_are_save_indices": any(c.counts_saves for c in traj),
+                               **({"steps_note": steps_note} if steps_note else {})}, indent=2))
         return
     click.echo(f"{traj.name}: {len(rows)} checkpoints")
-    click.echo(f"{'step':>10}  {'format':<11} {'size':>9}  {'dtype':<9} location")
+    lrs = any("learning_rate" in r for r in rows)  # a column only where the run logged it (HF Trainer)
+    click.echo(f"{'step':>10}  {'format':<11} {'size':>9}  {'dtype':<9} " + ("lr        " if lrs else "") + "location")
     for r in rows:
         same = f"  [same weights as {', '.join(r['duplicates'][:3])}]" if r["duplicates"] else ""
+        rate = f"{r['learning_rate']:<9.3g} " if "learning_rate" in r else ("-         " if lrs else "")
         click.echo(f"{r['step']:>10}  {r['format']:<11} {human_bytes(r['size']):>9}  {','.join(r['dtypes']):<9} "
-                   f"{r['location']}{same}")
+                   f"{rate}{r['location']}{same}")
     for note in traj.ignored:
         click.echo(f"ignored: {note}")
+    if steps_note:
+        click.echo(f"note: {steps_note}")
+    if hint := list_hint(kind):
+        click.echo(hint)
     dupes = sum(bool(r["duplicates"]) for r in rows)
     if dupes:
         click.echo(f"warning: {dupes} revisions have byte-identical weight files (same LFS sha256) under another "
@@ -105,9 +142,11 @@ def _default_out(root: str, k: int, last_step: int, how: dict[str, Any]) -> Path
 @selection_options
 @method_options
 @trajectory_options
+@steps_per_save_option
 @click.option("--dtype", help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
 @click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--max-shard-size", help="Shard the output, e.g. 5GB, with model.safetensors.index.json.")
+@format_option
 @click.option("--force", is_flag=True,
               help="Replace an existing non-empty output directory (never an input; a link is replaced, not followed).")
 @click.option("--hash", "hash_inputs", is_flag=True, help="Record each input file's sha256 in ckptavg.json.")
@@ -116,12 +155,14 @@ def _default_out(root: str, k: int, last_step: int, how: dict[str, Any]) -> Path
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors with NaN/Inf instead of refusing.")
 @click.option("--evict", is_flag=True, help="hf:// only: delete the inputs' weight files from the HF cache after the merge.")
 @click.option("--dry-run", is_flag=True, help="Show the selection and weights; read no tensor data.")
+@peft_options
+@anomaly_options
 @write_options
 @output_options
 @friendly_errors
 def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, as_json: bool, step_pattern: str | None,
-          key: str | None, **kw: Any) -> None:
-    """Average checkpoints of the run at PATH into one HF-loadable directory.
+          key: str | None, peft: str, base: Path | None, steps_per_save: int | None, **kw: Any) -> None:
+    """Average checkpoints of the run at PATH into one HF-loadable directory (--format: the input's own).
 
     PATH may be hf://org/name: the step branches of a Hub model repo, downloaded into the
     standard HF cache (HF_HUB_OFFLINE=1: from the cache alone).
@@ -131,21 +172,26 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
       ckptavg merge runs/pythia-tiny --window 5
       ckptavg merge runs/pythia-tiny --window 5 --at 20000
       ckptavg merge runs/pythia-tiny --method ema --half-life 2000
+      ckptavg merge out-nanogpt --window 5 --format same    # OUT/ckpt.pt for sample.py
       ckptavg merge hf://EleutherAI/pythia-1b-deduped --window 5 --at 20000
     """
-    from ..averaging import average, check_write_options, method_weights
+    from ..averaging import average, check_write_options, method_weights, output_kind
     from ..sources import discover
     from ..sources import evict as evict_inputs
 
     out_dtype, _ = check_write_options(kw.get("dtype"), kw.get("max_shard_size"))  # checked even with --dry-run
     selection = selection_from(kw)
     how = method_from(kw)
-    traj = discover(path, step_pattern=step_pattern, key=key)
+    traj = discover(path, step_pattern=step_pattern, key=key, steps_per_save=steps_per_save)
     sel = selection.apply(traj)
+    sel, excluded = merge_exclusions(traj, sel, kw, dry_run, progress=not quiet and not as_json)
     w, record = method_weights(list(sel), how["method"], {k: v for k, v in how.items() if k != "method"}, traj.root)
     target = out or _default_out(traj.root, len(sel), sel.steps[-1], how)
-    summary: dict[str, Any] = {"output": str(target), "method": how["method"], "steps": sel.steps, "weights": w}
+    fmt, kind = output_kind(list(sel), kw["output_format"])  # refused (exit 2) before any work, --dry-run too
+    summary: dict[str, Any] = {"output": str(target), "method": how["method"], "steps": sel.steps, "weights": w,
+                               "format": fmt, "input_format": kind}
     summary |= {k: record[k] for k in ("tokens", "tokens_from", "gamma", "profile_error") if k in record}
+    summary |= {"excluded": excluded["excluded"]} if excluded else {}
     coarse_warning(record)
     if len(sel) == 1:  # any method of one checkpoint is that checkpoint: say so rather than look like an average
         click.echo(f"warning: the selection is one checkpoint (step {sel.steps[0]}); the output is a copy of it, "
@@ -153,10 +199,19 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
     if dry_run:
         from ..preflight import preflight
 
-        pf = preflight(list(sel), target, out_dtype)
+        pf = preflight(list(sel), target, out_dtype, output_format=fmt, threads=kw.get("threads"))
         summary["preflight"] = pf.to_dict()
+    elif peft == "merged-delta" or base is not None:
+        from ..peft import merge_adapters
+
+        if peft != "merged-delta" or kw["output_format"] != "hf":
+            raise UsageError("--base goes with --peft merged-delta, which writes an hf folder")
+        unused = [f"--{k.replace('_', '-')}" for k in ("dtype", "max_shard_size", "hash_inputs") if kw.get(k)]
+        if unused:
+            raise UsageError(f"{unused[0]} does not apply to --peft merged-delta (the base's dtype, one file)")
+        merge_adapters(sel, target, **how, base=base, force=kw["force"], fsync=kw["fsync"])
     else:
-        average(sel, target, **how, **kw, progress=not quiet and not as_json)
+        average(sel, target, **how, **kw, note=excluded or None, progress=not quiet and not as_json)
         if evict:
             summary["evicted_bytes"] = evict_inputs(sel)
     if as_json:
@@ -164,8 +219,12 @@ def merge(path: str, out: Path | None, evict: bool, dry_run: bool, quiet: bool, 
         return
     verb = "would write" if dry_run else "wrote"
     click.echo(f"{verb} {target}: {how['method']} of {len(sel)} checkpoints, steps {sel.steps[0]}..{sel.steps[-1]}")
+    for x in excluded.get("excluded", []):
+        click.echo(f"left out step {x['step']}: {x['reason']}")
     if "evicted_bytes" in summary:
         click.echo(f"evicted the inputs' weight files from the HF cache ({human_bytes(summary['evicted_bytes'])} freed)")
+    for line in format_notes(fmt, kind, str(target)) if fmt != "hf" or kind != "hf" else ():
+        click.echo(line)
     if dry_run:
         click.echo(weights_table(sel.steps, w, record))
         click.echo(preflight_report(summary["preflight"]))
@@ -221,19 +280,23 @@ def soup_cmd(path: str, text: Path, out: Path | None, step_pattern: str | None, 
 @selection_options
 @method_options
 @trajectory_options
+@steps_per_save_option
 @click.option("--stride", type=int, hidden=True, callback=deprecated_alias("--every"))
 @click.option("--partial", is_flag=True, help="Targets before the first full window average what exists [default: skipped].")
 @click.option("--non-overlapping", is_flag=True, help="Disjoint windows of k from the first checkpoint, as the LAWA authors' script.")
 @click.option("--dtype", help="Output dtype [default: the inputs'].")
 @click.option("--max-shard-size", help="Shard each output, e.g. 5GB.")
 @click.option("--allow-nonfinite", is_flag=True, help="Write averages with NaN/Inf instead of refusing.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Workers, each owning whole chunks [default: the CPUs this process may use]; same outputs for any number.")
 @click.option("--force", is_flag=True,
               help="Replace step{S} entries ckptavg did not write (never an input; a link is replaced, not followed).")
+@anomaly_options
 @write_options
 @output_options
 @friendly_errors
 def series_cmd(path: str, out: Path, stride: int | None, quiet: bool, as_json: bool, step_pattern: str | None,
-               key: str | None, allow_duplicates: bool, **kw: Any) -> None:
+               key: str | None, allow_duplicates: bool, steps_per_save: int | None, **kw: Any) -> None:
     """Write the averaged model at every target step of the run at PATH (OUT/step{S}/),
     reading each input once. The selection flags pick the targets; --window is each
     uniform target's window. Re-running resumes: outputs made by the same arguments from the
@@ -256,7 +319,7 @@ def series_cmd(path: str, out: Path, stride: int | None, quiet: bool, as_json: b
     how = method_from(kw)
     if how.pop("weights") is not None:
         raise click.UsageError("series averages uniform windows or EMAs; --weights applies to merge")
-    results = series(discover(path, step_pattern=step_pattern, key=key), out, selection, **how, **kw,
+    results = series(discover(path, step_pattern=step_pattern, key=key, steps_per_save=steps_per_save), out, selection, **how, **kw,
                      allow_duplicates=allow_duplicates, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps({"outputs": [{"step": r.step, "path": str(r.path), "written": r.written}
@@ -277,11 +340,13 @@ def series_cmd(path: str, out: Path, stride: int | None, quiet: bool, as_json: b
 @friendly_errors
 def demo(out: Path, zero_shot: bool, quiet: bool, as_json: bool) -> None:
     """Train a tiny Pythia on a synthetic language at a high learning rate (or reuse the run in
-    OUT), average it at every checkpoint (LAWA k=5, EMA), score raw vs averaged on held-out text,
-    print a table and save OUT/lawa.png. About a minute on 2 CPU cores."""
-    from ..demo import run_demo
+    OUT), average it at every checkpoint (LAWA k=5, EMA, WSM, WMA; LAWA without flagged checkpoints
+    around the spike), score raw vs averaged on held-out text, print a table and save OUT/lawa.png.
+    Deterministic: the same weights and table on every run. A few minutes on 2 CPU cores."""
+    from ..demo import pin_arithmetic, run_demo
     from .present import demo_report
 
+    pin_arithmetic()  # the same kernels for scoring as for training: the same table on every run
     result = run_demo(out, zero_shot=zero_shot, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
@@ -303,6 +368,7 @@ def demo(out: Path, zero_shot: bool, quiet: bool, as_json: bool) -> None:
 @selection_options
 @method_options
 @trajectory_options
+@steps_per_save_option
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path),
               help="Held-out loss and perplexity on this .txt or .jsonl (\"text\" field) file; needs no lm-eval.")
 @click.option("--seq-len", type=int, help="--text window length [default: the model's context, at most 2048].")
@@ -315,7 +381,7 @@ def demo(out: Path, zero_shot: bool, quiet: bool, as_json: bool) -> None:
 @output_options
 @friendly_errors
 def eval_cmd(target: str, results: Path | None, old_output: Path | None, quiet: bool, as_json: bool, key: str | None,
-             step_pattern: str | None, allow_duplicates: bool, **kw: Any) -> None:
+             step_pattern: str | None, allow_duplicates: bool, steps_per_save: int | None, **kw: Any) -> None:
     """Score TARGET zero-shot with lm-evaluation-harness and/or a held-out loss.
 
     TARGET is a merged directory, one checkpoint of a run (PATH --step S), or a merge spec
@@ -334,7 +400,8 @@ def eval_cmd(target: str, results: Path | None, old_output: Path | None, quiet: 
 
     selection = selection_from(kw)
     how = method_from(kw)
-    source: Any = discover(target, step_pattern=step_pattern, key=key) if step_pattern or key else target
+    source: Any = (discover(target, step_pattern=step_pattern, key=key, steps_per_save=steps_per_save)
+                   if step_pattern or key or steps_per_save else target)
     result = score(source, kw.pop("tasks"), selection=None if selection.is_empty else selection, **how, **kw,
                    allow_duplicates=allow_duplicates, output=results or old_output,
                    progress=not quiet and not as_json)

@@ -7,6 +7,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -79,10 +80,40 @@ trajectory_options = _group(
                  help="hf:// only: use revisions whose weights are byte-identical to another step's."),
 )
 
+# accelerate save_state runs: checkpoint_N counts saves (ckptavg.io.accelerate).
+steps_per_save_option = click.option(
+    "--steps-per-save", type=click.IntRange(min=1),
+    help="accelerate save_state runs whose folders record no step: training steps between saves "
+         "(checkpoint_N is step (N+1)×this).")
+
 # How an output folder is written (merge, series).
 write_options = _group(
     click.option("--no-fsync", "fsync", flag_value=False, default=True,
                  help="Skip flushing outputs to disk before they appear (faster; a power loss may leave empty files)."),
+)
+
+# What merge writes: the HF-style folder, or the input's own shape (ckptavg.io.formats).
+FORMAT_HELP = ("Output: hf (safetensors folder), same (the input's own format), nanogpt (OUT/ckpt.pt), lightning "
+               "(OUT/model.ckpt) or dcp (a model-only DCP folder); optimizer state is dropped.")
+format_option = click.option("--format", "output_format", default="hf", show_default=True,
+                             type=click.Choice(["hf", "same", "nanogpt", "lightning", "dcp"]), help=FORMAT_HELP)
+
+# PEFT adapter runs (ckptavg.peft): average the adapter tensors, or the exact mean of their updates.
+peft_options = _group(
+    click.option("--peft", type=click.Choice(["adapter", "merged-delta"]), default="adapter", show_default=True,
+                 help="Adapter runs: adapter averages LoRA A and B separately (a PEFT adapter); merged-delta writes "
+                      "base + the mean of s·B·A (exact; a full model)."),
+    click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 help="--peft merged-delta: the base model's folder [default: the adapter's base_model_name_or_path]."),
+)
+
+# Spike-aware averaging (merge, series): leave out what ckptavg inspect flags (ckptavg.stability).
+anomaly_options = _group(
+    click.option("--exclude-anomalies", is_flag=True,
+                 help="Leave out checkpoints where ckptavg inspect finds NaN/Inf or a whole-model update spike "
+                      "(judged against the 8 checkpoints before each); ckptavg.json records which and why."),
+    click.option("--anomalies", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Like --exclude-anomalies, from this saved `ckptavg inspect --json` report (its own rule)."),
 )
 
 # What the command shows.
@@ -160,5 +191,5 @@ def deprecated_alias(new: str) -> Callable[[click.Context, click.Parameter, Any]
     return callback
 
 
-__all__ = ["KEY_HELP", "deprecated_alias", "float_list", "friendly_errors", "int_list", "method_from", "method_options",
-           "output_options", "selection_from", "write_options", "selection_options", "trajectory_options"]
+__all__ = ["FORMAT_HELP", "KEY_HELP", "deprecated_alias", "float_list", "format_option", "friendly_errors", "int_list", "method_from", "method_options",
+           "output_options", "peft_options", "selection_from", "steps_per_save_option", "write_options", "selection_options", "trajectory_options"]

@@ -19,16 +19,62 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+def step_source_note(traj: Sequence[Any]) -> str | None:
+    """One line for ``list`` when steps do not come from the checkpoints' names: accelerate save
+    indices (no step recorded), or steps read from a file inside each folder."""
+    if any(c.counts_saves for c in traj):
+        return ("steps are save indices, not training steps: accelerate's checkpoint_N counts saves and no folder "
+                "records a step (optimizer.bin step counts, custom_checkpoint_*.pkl); --half-life/--sigma-rel are "
+                "refused unless --steps-per-save N says how many steps lie between saves")
+    given = next((c.step_from for c in traj if (c.step_from or "").startswith("--steps-per-save")), None)
+    if given is not None:
+        return f"steps are (save index + 1) × {given.split()[-1]}, from {given} (accelerate's checkpoint_N counts saves)"
+    sources = sorted({c.step_from for c in traj if c.step_from})
+    return f"steps from {', '.join(sources)} inside each checkpoint folder, not the folder names" if sources else None
+
+
 def preflight_report(pf: Mapping[str, Any]) -> str:
     """``merge --dry-run``'s cost lines, from :meth:`ckptavg.preflight.Preflight.to_dict`."""
     lines = [f"reads {human_bytes(pf['read_bytes'])} from {pf['inputs']} checkpoints, each file once",
              "writes " + (human_bytes(pf["write_bytes"]) if pf["write_bytes"] is not None else "an unknown size (Hub .bin: "
                           "tensors are known after download)"),
-             f"holds at most {human_bytes(pf['memory_bytes'])} of buffers beyond the interpreter, whatever the model's size"]
+             f"holds at most {human_bytes(pf['memory_bytes'])} of buffers ({pf.get('threads', 1)} threads) beyond the "
+             + ("interpreter and torch (~225 MB: its kernels convert bf16/fp16 faster than numpy), "
+                if pf.get("kernels") == "torch" else "interpreter, ")
+             + ("whatever the model's size" if pf.get("format", "hf") == "hf" else
+                f"one whole model included (--format {pf['format']} saves a complete state dict)")]
     if pf["free_bytes"] is not None:
         verdict = {True: "", False: " — NOT ENOUGH for the output", None: ""}[pf["fits"]]
         lines.append(f"free at the output: {human_bytes(pf['free_bytes'])}{verdict}")
     return "\n".join(lines)
+
+
+def format_notes(fmt: str, kind: str | None, out: str = "OUT") -> list[str]:
+    """What ``merge`` says about an output of format ``fmt`` from inputs of ``kind``
+    (:func:`ckptavg.averaging.output_kind`): how to load it, and what it leaves out."""
+    from ..io.formats import DESCRIBE, DROPPED, LOAD
+
+    lines = [f"load with: {LOAD[fmt].replace('OUT', out)}"]
+    if fmt in DROPPED:
+        lines.append(f"note: dropped from the newest input's checkpoint: {', '.join(DROPPED[fmt])} (an average has no "
+                     "optimizer state of its own); everything else in it is kept")
+    elif fmt == "dcp":
+        lines.append("note: a model-only checkpoint: the inputs' optimizer and train state are not in it")
+    if fmt != kind and kind in ("nanogpt", "lightning", "dcp"):
+        lines.append(f"note: the inputs are {DESCRIBE[kind]}, and that tool cannot load this {fmt} output as "
+                     f"its own checkpoint; --format {kind} (or same) writes one it can")
+    return lines
+
+
+def list_hint(kind: str | None) -> str | None:
+    """``list``'s line on what merge writes for a run whose newest checkpoint is ``kind``."""
+    from ..io.formats import LOAD
+
+    if kind not in ("nanogpt", "lightning", "dcp"):
+        return None
+    tool = {"nanogpt": "nanoGPT", "lightning": "Lightning", "dcp": "a DCP loader"}[kind]
+    return (f"merge writes an HF-style folder (model.safetensors) by default, which {tool} cannot load as its own "
+            f"checkpoint: add --format same for one it can; load with: {LOAD[kind]}")
 
 
 def weights_table(steps: Sequence[int], weights: Sequence[float], record: Mapping[str, Any]) -> str:
@@ -119,17 +165,18 @@ def demo_report(self: DemoResult) -> str:
     lines = [
         f"run {self.run}: {len(self.raw)} checkpoints, steps {min(self.raw)}..{max(self.raw)} "
         f"({how} {self.seconds['train']:.0f} s)",
-        f"held-out loss (nats/token): raw checkpoint, LAWA k={k}, EMA half-life {self.demo.ema_half_life:g} steps",
-        f"{'step':>6}  {'phase':<8} {'raw':>7} {f'lawa{k}':>7} {'ema':>7}",
+        f"held-out loss (nats/token): raw checkpoint, LAWA k={k}, EMA half-life {self.demo.ema_half_life:g} steps, "
+        f"WSM ({self.demo.wsm_schedule}) and WMA over LAWA's {k} checkpoints",
+        f"{'step':>6}  {'phase':<8} {'raw':>7} {f'lawa{k}':>7} {'ema':>7} {f'wsm{k}':>7} {f'wma{k}':>7}",
     ]
     show = [s for s in sorted(self.raw) if s >= 2 * cfg.save_every
             and (s % (2 * cfg.save_every) == 0 or abs(s - cfg.spike_end) <= cfg.save_every)]
     for s in show:
-        cells = [f"{c[s]:.4f}" if s in c else "-" for c in (self.raw, self.lawa, self.ema)]
+        cells = [f"{c[s]:.4f}" if s in c else "-" for c in (self.raw, self.lawa, self.ema, self.wsm, self.wma)]
         mark = "  <- spike" if s == cfg.spike_end else ""
-        lines.append(f"{s:>6}  {cfg.phase(s):<8} {cells[0]:>7} {cells[1]:>7} {cells[2]:>7}{mark}")
+        lines.append(f"{s:>6}  {cfg.phase(s):<8} " + " ".join(f"{c:>7}" for c in cells) + mark)
     for phase in ("high-lr", "cooldown"):
-        for curve, label in (("lawa", f"LAWA k={k}"), ("ema", "EMA")):
+        for curve, label in (("lawa", f"LAWA k={k}"), ("ema", "EMA"), ("wsm", f"WSM k={k}"), ("wma", f"WMA k={k}")):
             g = sorted(self.gains(phase, curve).values())
             if g:
                 lines.append(f"{phase:>8}: {label} beats raw at {sum(x > 0 for x in g)}/{len(g)} checkpoints; "
@@ -138,7 +185,13 @@ def demo_report(self: DemoResult) -> str:
     before = max(s for s in self.raw if s <= end - cfg.spike_steps)
     if end in self.raw and end in self.lawa and end in self.ema:
         lines.append(f"   spike: raw {self.raw[before]:.3f} at step {before} -> {self.raw[end]:.3f} at {end}; "
-                     f"there LAWA k={k} {self.lawa[end]:.3f}, EMA {self.ema[end]:.3f}")
+                     f"there LAWA k={k} {self.lawa[end]:.3f}, EMA {self.ema[end]:.3f}"
+                     + (f", WSM {self.wsm[end]:.3f}" if end in self.wsm else "")
+                     + (f", WMA {self.wma[end]:.3f}" if end in self.wma else ""))
+    for s, xa in sorted(self.lawa_xa.items()):  # LAWA with and without merge --exclude-anomalies
+        kept = self.xa_inputs.get(s, [])
+        lines.append(f"  step {s}: LAWA k={k} {self.lawa[s]:.4f}, without the checkpoints ckptavg inspect flags "
+                     f"{xa:.4f} (averaged {', '.join(map(str, kept))})")
     if self.zero_shot:
         by_step: dict[int, dict[str, float]] = {}
         for z in self.zero_shot:
@@ -159,4 +212,4 @@ def demo_report(self: DemoResult) -> str:
 
 
 
-__all__ = ["demo_report", "eval_table", "human_bytes", "coarse_warning", "weights_table", "sweep_report"]
+__all__ = ["step_source_note", "demo_report", "eval_table", "format_notes", "human_bytes", "list_hint", "coarse_warning", "weights_table", "sweep_report"]
