@@ -33,7 +33,9 @@ import bench_series  # noqa: E402
 
 
 def _time(cmd: list[str], env: dict[str, str], tfile: Path) -> tuple[float, float]:
-    subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile), *cmd], env=env, check=True,
+    # cwd = the side's tree: `python -m` puts the working directory first on sys.path, ahead of
+    # PYTHONPATH's effect on an editable install's finder — from elsewhere both sides ran this checkout.
+    subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile), *cmd], env=env, check=True, cwd=env["PYTHONPATH"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return bench_merge.parse_gnu_time(tfile.read_text())
 
