@@ -16,7 +16,7 @@ from typing import Any
 
 from .engine import CHUNK_ELEMS, PREFETCH, WRITE_DEPTH
 from .io.dtypes import DType
-from .io.kernels import TORCH_FROM_BYTES
+from .io.kernels import worth_torch
 from .pipeline import available_cpus
 from .trajectory import Checkpoint
 
@@ -112,7 +112,7 @@ def preflight(checkpoints: Sequence[Checkpoint], out: str | os.PathLike[str], ou
     threads = available_cpus() if threads is None else threads
     read = sum(_input_bytes(c) for c in checkpoints)
     names = {t.dtype.name for t in (tensors or {}).values()} | ({out_dtype.name} if out_dtype is not None else set())
-    kernels = "torch" if read >= TORCH_FROM_BYTES and names & {"BF16", "F16"} else "numpy"  # as ckptavg.io.kernels.choose
+    kernels = "torch" if worth_torch(read, names) else "numpy"
     return Preflight(
         read_bytes=read,
         write_bytes=write,

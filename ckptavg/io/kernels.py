@@ -105,6 +105,12 @@ class TorchKernels(Kernels):
 NUMPY = Kernels()
 
 
+def worth_torch(read_bytes: int, dtypes: set[str]) -> bool:
+    """Whether ``auto`` picks torch for a job reading ``read_bytes`` with ``dtypes`` (if installed):
+    it converts bf16/fp16 and reads at least TORCH_FROM_BYTES."""
+    return read_bytes >= TORCH_FROM_BYTES and bool(dtypes & set(_HALF))
+
+
 def choose(read_bytes: int, dtypes: set[str], kernels: str = "auto") -> Kernels:
     """The kernels for a job reading ``read_bytes`` of tensors with ``dtypes`` (safetensors names,
     inputs' and outputs'): ``numpy``, ``torch``, or ``auto`` (torch when the job converts bf16/fp16
@@ -115,7 +121,7 @@ def choose(read_bytes: int, dtypes: set[str], kernels: str = "auto") -> Kernels:
         return TorchKernels()
     if kernels != "auto":
         raise ValueError(f"kernels must be auto, numpy or torch, not {kernels!r}")
-    if read_bytes < TORCH_FROM_BYTES or not dtypes & set(_HALF):
+    if not worth_torch(read_bytes, dtypes):
         return NUMPY
     try:
         return TorchKernels()
@@ -123,4 +129,4 @@ def choose(read_bytes: int, dtypes: set[str], kernels: str = "auto") -> Kernels:
         return NUMPY
 
 
-__all__ = ["NUMPY", "TORCH_FROM_BYTES", "Kernels", "TorchKernels", "choose"]
+__all__ = ["NUMPY", "TORCH_FROM_BYTES", "Kernels", "TorchKernels", "choose", "worth_torch"]
