@@ -143,7 +143,7 @@ def stream_series(
         raise ValueError(f"threads must be at least 1, got {threads}")
     plan = _Series(targets, out_dtypes, ema_factors, steps)
     kern = choose(sum(t.nbytes for t in tensors if t.dtype.floating) * len(plan.needed),
-                  {t.dtype.name for t in tensors} | {d.name for d in out_dtypes.values()}, kernels)
+                  {t.dtype.name for t in tensors} | {d.name for d in out_dtypes.values()}, kernels, threads)
     # Overflow and inf - inf are expected on the way to the NaN/Inf checks, which report them.
     with pinned(kern), np.errstate(over="ignore", invalid="ignore"):
         if threads > 1:

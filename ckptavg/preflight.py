@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import CHUNK_ELEMS, PREFETCH, WRITE_DEPTH
+from .engine import CHUNK_ELEMS, MERGE_CHUNK, PREFETCH, WRITE_DEPTH
 from .io.dtypes import DType
 from .io.kernels import worth_torch
 from .pipeline import available_cpus
@@ -64,14 +64,15 @@ def _free(out: Path) -> int | None:
 def memory_bound(k: int, in_itemsize: int, out_itemsize: int, accumulate_itemsize: int = 8, threads: int = 1) -> int:
     """Bytes the merge engine holds, whatever the model's size.
 
-    One thread: the reader thread keeps ``PREFETCH`` chunk sets read ahead (plus the one being
-    added): one raw chunk per input each; every accumulator dtype keeps ``WRITE_DEPTH + 2`` running
-    sums, each a sum and a converted scratch chunk; the writer holds up to ``WRITE_DEPTH + 1`` output
-    chunks. ``threads`` workers: each holds one chunk of every input, a sum, a scratch chunk and its
-    output chunk (+ one more for the cast), that is ``threads × (k + 4)`` chunks.
+    One thread (chunks of ``CHUNK_ELEMS``): the reader thread keeps ``PREFETCH`` chunk sets read
+    ahead (plus the one being added): one raw chunk per input each; every accumulator dtype keeps
+    ``WRITE_DEPTH + 2`` running sums, each a sum and a converted scratch chunk; the writer holds up to
+    ``WRITE_DEPTH + 1`` output chunks. ``threads`` workers (chunks of ``MERGE_CHUNK``, added in
+    blocks of ``CHUNK_ELEMS``): each holds a block of every input, the block's sum, a converted
+    scratch and a cast's scratch (4 bytes an element), and its chunk of output.
     """
     if threads > 1:
-        return threads * CHUNK_ELEMS * (k * in_itemsize + 2 * accumulate_itemsize + 2 * out_itemsize)
+        return threads * (CHUNK_ELEMS * (k * in_itemsize + 2 * accumulate_itemsize + 4) + MERGE_CHUNK * out_itemsize)
     reads = (PREFETCH + 1) * k * CHUNK_ELEMS * in_itemsize
     sums = (WRITE_DEPTH + 2) * 2 * CHUNK_ELEMS * accumulate_itemsize
     writes = (WRITE_DEPTH + 1) * CHUNK_ELEMS * out_itemsize
@@ -112,7 +113,7 @@ def preflight(checkpoints: Sequence[Checkpoint], out: str | os.PathLike[str], ou
     threads = available_cpus() if threads is None else threads
     read = sum(_input_bytes(c) for c in checkpoints)
     names = {t.dtype.name for t in (tensors or {}).values()} | ({out_dtype.name} if out_dtype is not None else set())
-    kernels = "torch" if worth_torch(read, names) else "numpy"
+    kernels = "torch" if worth_torch(read, names, threads) else "numpy"
     return Preflight(
         read_bytes=read,
         write_bytes=write,

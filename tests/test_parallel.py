@@ -26,9 +26,10 @@ def _digest(folder: Path) -> str:
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    # 1000 elements: the tiny model's matrices span many chunks, so chunks of one tensor are
-    # computed by different workers and written out of order.
+    # 3000-element chunks of 1000-element blocks: the tiny model's matrices span many chunks, so
+    # chunks of one tensor are computed by different workers and written out of order.
     monkeypatch.setattr(engine, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(engine, "MERGE_CHUNK", 3000)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -119,23 +120,32 @@ def test_torch_and_numpy_kernels_write_the_same_bytes(make_run, tmp_path, monkey
     root, _ = make_run("safetensors", steps=(1, 2, 3, 4), dtype=dtype, values="random")
     sel = ckptavg.discover(root).window(3)
     digests = {}
+    casts = []  # torch's from_acc runs when torch is picked
+    real = kernels.TorchKernels.from_acc
+    monkeypatch.setattr(kernels.TorchKernels, "from_acc", lambda self, *a, **k: casts.append(1) or real(self, *a, **k))
     for name, threshold in (("numpy", 1 << 62), ("torch", 0)):
         monkeypatch.setattr(kernels, "TORCH_FROM_BYTES", threshold)
+        monkeypatch.setattr(kernels, "TORCH_BF16_PER_THREAD", threshold)
         for method in ("uniform", "ema"):
             for n in (1, 3):
                 params = {"half_life": 1.5} if method == "ema" else {}
                 out = ckptavg.average(sel, tmp_path / f"{name}-{method}-{n}", threads=n, method=method, dtype=out_dtype,
                                       progress=False, **params)
                 digests[name, method, n] = _digest(out)
+        assert bool(casts) == (name == "torch")
     for method in ("uniform", "ema"):
         assert len({digests[k, method, n] for k in ("numpy", "torch") for n in (1, 3)}) == 1
 
 
 def test_auto_kernels_take_torch_only_for_big_half_precision_jobs():
-    from ckptavg.io.kernels import TORCH_FROM_BYTES, choose
+    from ckptavg.io.kernels import TORCH_BF16_PER_THREAD, TORCH_FROM_BYTES, choose
 
-    assert choose(TORCH_FROM_BYTES, {"BF16"}).name == "torch"
-    assert choose(TORCH_FROM_BYTES - 1, {"BF16"}).name == "numpy"  # small: import torch would cost more than it saves
+    assert choose(TORCH_FROM_BYTES, {"F16"}).name == "torch"
+    assert choose(TORCH_FROM_BYTES - 1, {"F16", "F32"}).name == "numpy"  # small: import torch would cost more than it saves
+    # bf16: numpy is nearly as fast; torch only when its gain per thread exceeds the import
+    assert choose(TORCH_FROM_BYTES * 8, {"BF16"}).name == "numpy"
+    assert choose(TORCH_BF16_PER_THREAD * 2, {"BF16"}, threads=2).name == "torch"
+    assert choose(TORCH_BF16_PER_THREAD * 2 - 1, {"BF16"}, threads=2).name == "numpy"
     assert choose(TORCH_FROM_BYTES * 8, {"F32"}).name == "numpy"  # nothing to convert
     assert choose(0, {"F32"}, "torch").name == "torch" and choose(1 << 40, {"F16"}, "numpy").name == "numpy"
     with pytest.raises(ValueError, match="kernels must be"):

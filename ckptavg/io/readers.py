@@ -9,7 +9,10 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import CheckpointError
+from .files import LazyFd
 from .safetensors import SafetensorsFile, TensorInfo
+
+Extent = tuple[LazyFd, int]  # a tensor stored as plain little-endian bytes: its file, and where element 0 lies
 
 
 class WeightFile(Protocol):
@@ -92,6 +95,13 @@ class CheckpointReader:
             return wf.read(self.tensors[name], start, count, buffer)
         return self.read(name, start, count)
 
+    def extent(self, name: str) -> Extent | None:
+        """Where tensor ``name``'s values lie as plain contiguous bytes in one file (safetensors, and
+        zip-format torch files): read them there with ``pread``; None for any other storage."""
+        wf = self._only or self._owner.get(name)
+        where = getattr(wf, "extent", None)
+        return where(self.tensors[name]) if where is not None and name in self.tensors else None
+
     def close(self) -> None:
         for wf in self._files:
             wf.close()
@@ -104,4 +114,4 @@ class CheckpointReader:
         self.close()
 
 
-__all__ = ["CheckpointReader", "WeightFile", "open_file"]
+__all__ = ["CheckpointReader", "Extent", "WeightFile", "open_file"]

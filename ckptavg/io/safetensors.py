@@ -299,6 +299,10 @@ class SafetensorsFile:
             self._file.done()
         return out
 
+    def extent(self, info: TensorInfo) -> tuple[LazyFd, int]:
+        """The file, and the byte offset of the tensor's first element (see CheckpointReader.extent)."""
+        return self._file, info.offset
+
     def close(self) -> None:
         self._file.close()
 

@@ -469,6 +469,11 @@ class TorchFile:
         out[...] = t.numpy().view(info.dtype.storage)
         return out
 
+    def extent(self, info: TensorInfo) -> tuple[LazyFd, int] | None:
+        """The file and the byte offset of a contiguous tensor's first element; None if strided or legacy."""
+        where = self._where.get(info.name)
+        return (self._file, where[0]) if where is not None and where[1] is None else None
+
     def close(self) -> None:
         self._sd = None
         self._dense = None
