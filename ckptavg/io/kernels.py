@@ -9,7 +9,7 @@ one chunk converted 300 times, two runs agreeing within 5%):
     fp32 → bf16    numpy 0.31    torch 0.11     (numpy: five in-place integer passes)
     fp16 → fp32    numpy 0.75    torch 0.054
     fp32 → fp16    numpy 1.5     torch 0.044
-    finite(sum)    numpy 0.12    torch 0.043
+    finite         numpy 0.042   torch 0.043   (numpy: max and min; a sum took 0.096)
 
 ``import torch`` costs ~1.3–1.9 s on one core (other threads wait: it holds the GIL) and ~195 MB
 of RSS. So fp16 jobs take torch from :data:`TORCH_FROM_BYTES` read; bf16 jobs, whose numpy path
@@ -57,8 +57,9 @@ class Kernels:
         """Undo :meth:`pin`."""
 
     def finite(self, acc: np.ndarray) -> bool:
-        """No NaN/Inf in ``acc``: one cheap sum; the element test only if the sum is not finite (overflow)."""
-        return bool(np.isfinite(acc.sum()) or np.isfinite(acc).all())
+        """No NaN/Inf in ``acc``: its max and min are finite (NaN propagates through both; 2.3× faster
+        than a pairwise sum, and no overflow to rule out)."""
+        return acc.size == 0 or bool(np.isfinite(acc.max()) and np.isfinite(acc.min()))
 
 
 class TorchKernels(Kernels):
