@@ -1,9 +1,12 @@
 """The chunk loop of ``series``: every target of a trajectory, reading each input chunk once.
 
-Tensor-major over the run: for each chunk of each tensor, the inputs are read in step order; a
-ring keeps the raw chunks later targets still need, and one :class:`~ckptavg.engine.RunningAverage`
-(fp64) follows the window (uniform) or the whole run (EMA). Each target's chunk goes to its own
-sink at its offset. With ``threads`` > 1, workers own whole chunks (all inputs, all targets of
+Tensor-major over the run: for each chunk of each tensor, the inputs are read in step order and
+converted once into a ring that keeps the chunks later targets still need. A target of up to
+:data:`AFRESH_MAX` inputs, or with its own weights (WSM, WMA, power-EMA), is summed afresh from
+the ring in fp32 exactly as ``merge`` sums its inputs, so it is bit-identical to ``merge`` of the
+same checkpoints; wider uniform windows keep an fp64 :class:`~ckptavg.engine.RunningAverage`
+(add the newest, subtract the oldest, recomputed exactly when it may have drifted), and EMA one
+fp64 recursion over the whole run. Each target's chunk goes to its own sink at its offset. With ``threads`` > 1, workers own whole chunks (all inputs, all targets of
 that span), as in :func:`ckptavg.engine.stream`; every chunk is computed the same way whoever
 computes it, so the outputs are bit-identical for any thread count.
 """
@@ -39,7 +42,18 @@ class Target:
     weights: tuple[float, ...]
 
 
-F64 = DTYPES["F64"]
+F32, F64 = DTYPES["F32"], DTYPES["F64"]
+AFRESH_MAX = 8  # inputs: up to here W fp32 adds per target cost less than an fp64 add and subtract on a ring twice as big
+
+
+def afresh(target: Target, ema: bool) -> bool:
+    """Whether ``target`` is summed afresh in fp32 (merge's arithmetic) rather than kept as a running fp64 sum."""
+    return not ema and (len(set(target.weights)) > 1 or len(target.inputs) <= AFRESH_MAX)
+
+
+def accumulator(target: Target, ema: bool) -> str:
+    """The accumulator dtype ``ckptavg.json`` records for ``target``."""
+    return "float32" if afresh(target, ema) else "float64"
 Write = Callable[[int, str, int, np.ndarray], None]  # (target step, tensor, offset, raw values)
 
 
@@ -56,6 +70,9 @@ class _Series:
             self.later[t.index] = set(acc)
             acc |= set(t.inputs)
         self.out_dtypes, self.ema_factors, self.steps = out_dtypes, ema_factors, steps
+        self.afresh = {t.index: afresh(t, ema_factors is not None) for t in targets}
+        # the ring in fp32 when every target is summed afresh (half the bytes), else fp64 for the running sums
+        self.ring_dtype = F32 if all(self.afresh.values()) else F64
 
     def message(self, info: TensorInfo, t: Target) -> Callable[[], str]:
         span = f"steps {self.steps[t.inputs[0]]}..{t.step}" if self.steps else "its window"
@@ -63,10 +80,12 @@ class _Series:
                         "NaN/Inf); pass --allow-nonfinite to write it anyway")
 
     def chunk(self, info: TensorInfo, s0: int, n: int, raws: Iterator[np.ndarray], st: RunningAverage,
-              avg: np.ndarray, write: Write, on_bytes: Callable[[int], object] | None, spare: list[np.ndarray]) -> None:
+              avg: np.ndarray, write: Write, on_bytes: Callable[[int], object] | None, spare: list[np.ndarray],
+              st32: RunningAverage) -> None:
         """Elements [s0, s0+n) of ``info`` for every target; ``raws`` yields the needed inputs' chunks in order.
-        ``spare``: this thread's fp64 chunk buffers for the ring, reused from chunk to chunk (a fresh
-        2 MiB array per input per chunk costs the kernel a page fault per 4 KiB)."""
+        ``st``: the fp64 running sum, ``st32``: the fp32 one for targets summed afresh. ``spare``: this
+        thread's chunk buffers for the ring, reused from chunk to chunk (a fresh 2 MiB array per
+        input per chunk costs the kernel a page fault per 4 KiB)."""
         out_dt = self.out_dtypes[info.name]
         cast = info.name if narrows(info.dtype, out_dt) else ""
 
@@ -92,27 +111,44 @@ class _Series:
                 if target is not None:
                     emit(target)
                 continue
-            # Converted once: every add, remove and recompute below is then plain fp64 arithmetic.
-            held[j] = spare.pop() if spare else np.empty(len(avg), np.float64)
+            # Converted once (exactly): every sum below is then plain arithmetic on the ring.
+            held[j] = spare.pop() if spare else np.empty(len(avg), self.ring_dtype.storage)
             ring[j] = st.kernels.to_acc(raw, info.dtype, held[j][:n])
             if target is None:
                 continue
-            if len(set(target.weights)) > 1:  # wsm, wma, power-ema: this target's weights, from the ring
-                st.recompute((m, ring[m], F64, w) for m, w in zip(target.inputs, target.weights))
-                emit(target)
-                st.reset(n)
+            if self.afresh[j]:
+                self._afresh(info, s0, n, target, ring, st32, write)
             else:
                 for m in sorted(set(target.inputs) - st.members):
-                    st.add(ring[m], F64, key=m)
+                    st.add(ring[m], self.ring_dtype, key=m)
                 if st.drifted:  # exact again from the ring, so the running sum cannot drift
-                    st.recompute((m, ring[m], F64, 1.0) for m in sorted(st.members))
+                    st.recompute((m, ring[m], self.ring_dtype, 1.0) for m in sorted(st.members))
                 emit(target)
             for m in [m for m in ring if m not in self.later[j]]:
                 if m in st.members and self.later[j]:  # after the last target the sum is not needed again
-                    st.remove(ring[m], F64, key=m)
+                    st.remove(ring[m], self.ring_dtype, key=m)
                 del ring[m]
                 spare.append(held.pop(m))
         spare.extend(held.values())
+
+
+    def _afresh(self, info: TensorInfo, s0: int, n: int, t: Target, ring: Mapping[int, np.ndarray],
+                st: RunningAverage, write: Write) -> None:
+        """Target ``t``'s chunk summed afresh from the ring in fp32, as merge sums it (uniform
+        weights as 1, divided once); an fp32 sum of finite inputs that overflows is redone in fp64."""
+        out_dt = self.out_dtypes[info.name]
+        cast = info.name if narrows(info.dtype, out_dt) else ""
+        uniform = len(set(t.weights)) == 1
+        members = [(m, ring[m], self.ring_dtype, 1.0 if uniform else w) for m, w in zip(t.inputs, t.weights)]
+        st.reset(n)
+        st.recompute(members)
+        if st.allow_nonfinite or st.finite():
+            out = st.emit(out_dt, narrowing=cast, checked=True)
+        else:  # NaN/Inf in an input is named; finite inputs whose fp32 sum overflowed get their fp64 average
+            exact = RunningAverage(n, np.float64)
+            exact.recompute(members)
+            out = exact.emit(out_dt, where=self.message(info, t), narrowing=cast)
+        write(t.step, info.name, s0, out.copy() if np.shares_memory(out, st.sum) else out)
 
 
 def stream_series(
@@ -163,6 +199,7 @@ def _serial(plan: _Series, readers: Mapping[int, CheckpointReader], tensors: Seq
                     yield partial(readers[j].read, info.name, s0, n)
 
     st = RunningAverage(chunk, np.float64, allow_nonfinite=allow_nonfinite, kernels=kern)
+    st32 = RunningAverage(chunk, np.float32, allow_nonfinite=allow_nonfinite, kernels=kern)
     avg = np.empty(chunk, np.float64)  # emitted values are cast to a new array before the writer sees them
     spare: list[np.ndarray] = []
     with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read") as pool, \
@@ -172,7 +209,7 @@ def _serial(plan: _Series, readers: Mapping[int, CheckpointReader], tensors: Seq
         for info in tensors:
             for s0, n in spans(info.numel, chunk):
                 plan.chunk(info, s0, n, (next(reads) for _ in plan.needed), st, avg,
-                           lambda step, name, at, v: writers[step].write(name, at, v), on_bytes, spare)
+                           lambda step, name, at, v: writers[step].write(name, at, v), on_bytes, spare, st32)
         for wb in writers.values():
             wb.flush()
 
@@ -187,11 +224,12 @@ def _parallel(plan: _Series, readers: Mapping[int, CheckpointReader], tensors: S
         if not hasattr(local, "st"):  # a worker's first chunk: its torch ops on one thread too
             kern.pin()
             local.st = RunningAverage(chunk, np.float64, allow_nonfinite=allow_nonfinite, kernels=kern)
+            local.st32 = RunningAverage(chunk, np.float32, allow_nonfinite=allow_nonfinite, kernels=kern)
             local.avg = np.empty(chunk, np.float64)
             local.spare = []
         with np.errstate(over="ignore", invalid="ignore"):
             plan.chunk(info, s0, n, (readers[j].read(info.name, s0, n) for j in plan.needed), local.st, local.avg,
-                       lambda step, name, at, v: sinks[step].write(name, at, v), on_bytes, local.spare)
+                       lambda step, name, at, v: sinks[step].write(name, at, v), on_bytes, local.spare, local.st32)
 
     tasks = (partial(work, info, s0, n) for info in tensors for s0, n in spans(info.numel, chunk))
     with ThreadPoolExecutor(threads, thread_name_prefix="ckptavg-work") as pool:
@@ -199,4 +237,4 @@ def _parallel(plan: _Series, readers: Mapping[int, CheckpointReader], tensors: S
             pass
 
 
-__all__ = ["Target", "stream_series"]
+__all__ = ["AFRESH_MAX", "Target", "accumulator", "afresh", "stream_series"]

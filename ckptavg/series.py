@@ -30,7 +30,7 @@ from . import manifest as _manifest
 from . import sources
 from .averaging import ensure_tensors, finish_directory, input_paths
 from .engine import CHUNK_ELEMS, RunningAverage, narrows
-from .engine_series import Target, stream_series
+from .engine_series import Target, accumulator, stream_series
 from .errors import NonFiniteError, OutputError, OutputExistsError, UsageError
 from .io.dtypes import DType, parse_dtype, to_torch
 from .io.layout import is_complete_output, weights_stem
@@ -86,7 +86,7 @@ class _Recipe:
             man = _manifest.read(out)
             ins = man["inputs"]
             if (man.get("tool") != "ckptavg" or man["method"] != {"name": self.method, **self.params}
-                    or man["dtype"] != self.dtype or man["accumulate"] != "float64"
+                    or man["dtype"] != self.dtype or man["accumulate"] != accumulator(target, self.method == "ema")
                     or man.get("max_shard_size") != self.max_shard_size):
                 return False
             if [(i["step"], i["location"]) for i in ins] != [(traj[j].step, traj[j].location) for j in target.inputs]:
@@ -268,7 +268,8 @@ def _write(traj: Trajectory, out: Path, pending: list[Target], dirs: dict[int, P
             sinks[t.step].close()
             try:
                 finish_directory(tmps[t.step], [ckpts[j] for j in t.inputs], t.weights, recipe.method, recipe.params,
-                                 out_dtype, "float64", str(traj.root), fingerprints=[prints[j] for j in t.inputs],
+                                 out_dtype, accumulator(t, factors is not None), str(traj.root),
+                                 fingerprints=[prints[j] for j in t.inputs],
                                  max_shard_size=recipe.max_shard_size,
                                  note=({"keys": strip[1]} if strip else {}) | (recipe.note(t, traj) or {}))
                 commit_directory(tmps[t.step], dirs[t.step], fsync)

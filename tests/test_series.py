@@ -55,17 +55,42 @@ def test_every_window_equals_independent_average(make_run, tmp_path, fmt, values
 
 
 def test_long_run_does_not_drift(make_run, tmp_path, monkeypatch):
-    """200 running-sum updates on values of very different magnitude stay equal to the oracle."""
+    """Windows wider than AFRESH_MAX keep an fp64 running sum: 60 add/subtract updates on values
+    of very different magnitude stay equal to the fp64 oracle."""
+    from ckptavg.engine_series import AFRESH_MAX
+
     monkeypatch.setattr(engine, "CHUNK_ELEMS", 4096)
     g = torch.Generator().manual_seed(0)
     steps = tuple(range(1, 41))
+    w = AFRESH_MAX + 2
     extra = {"big": lambda i: (torch.randn(64, generator=g) * 10.0 ** (i % 7 - 3)).float()}
     root, states = make_run("safetensors", steps=steps, values="random", extra=extra)
-    series(ckptavg.discover(root), tmp_path / "s", Selection(window=4), progress=False)
-    for i in range(3, len(steps)):
-        got = load_file(tmp_path / "s" / f"step{steps[i]}" / "model.safetensors")["big"]
-        want = torch.stack([states[s]["big"].double() for s in steps[i - 3: i + 1]]).mean(0).float()
+    series(ckptavg.discover(root), tmp_path / "s", Selection(window=w), progress=False)
+    for i in range(w - 1, len(steps)):
+        out = tmp_path / "s" / f"step{steps[i]}"
+        got = load_file(out / "model.safetensors")["big"]
+        want = torch.stack([states[s]["big"].double() for s in steps[i - w + 1: i + 1]]).mean(0).float()
         torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+        assert json.loads((out / "ckptavg.json").read_text())["accumulate"] == "float64"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", [{"method": "uniform"}, {"method": "wsm", "schedule": "1-sqrt"}])
+def test_narrow_windows_are_bit_identical_to_merge(make_run, tmp_path, monkeypatch, how, dtype):
+    """Up to AFRESH_MAX inputs, each target is summed afresh in fp32 as merge sums it: series at
+    step S writes the very bytes merge writes for the same window at S, for any thread count."""
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 1000)
+    g = torch.Generator().manual_seed(1)
+    extra = {"big": lambda i: (torch.randn(3000, generator=g) * 10.0 ** (i % 5 - 2)).to(dtype)}
+    root, _ = make_run("safetensors", steps=STEPS[:8], values="random", dtype=dtype, extra=extra)
+    traj = ckptavg.discover(root)
+    for threads in (1, 3):
+        res = series(traj, tmp_path / f"s{threads}", Selection(window=3), progress=False, threads=threads, **how)
+        for r in res:
+            i = traj.steps.index(r.step)
+            merged = ckptavg.average(list(traj)[i - 2: i + 1], tmp_path / f"m{r.step}-{threads}", progress=False, **how)
+            assert (r.path / "model.safetensors").read_bytes() == (merged / "model.safetensors").read_bytes(), r.step
+            assert json.loads((r.path / "ckptavg.json").read_text())["accumulate"] == "float32"
 
 
 def test_ema_series_matches_merge_at_each_step(make_run, tmp_path):
