@@ -145,7 +145,16 @@ class RunningAverage:
     def recompute(self, inputs: Iterable[tuple[Any, np.ndarray, DType, float]]) -> None:
         """The sum again from scratch, from (key, raw values, dtype, weight) of the current members."""
         self.reset(self.n)
-        for key, raw, dtype, weight in inputs:
+        items = list(inputs)
+        if len(items) >= 2 and all(w == 1.0 and raw.dtype == self.sum.dtype for _, raw, _, w in items[:2]):
+            # already in the sum's dtype (a converted ring): the first two in one pass, the bits of
+            # copying the first and adding the second
+            (k0, r0, _, _), (k1, r1, _, _) = items[:2]
+            np.add(r0, r1, out=self.sum[: len(r0)])
+            self._note(k0, 1.0, 1)
+            self._note(k1, 1.0, 1)
+            items = items[2:]
+        for key, raw, dtype, weight in items:
             self.add(raw, dtype, weight, key)
         self._updates = 0
 
@@ -184,8 +193,9 @@ class RunningAverage:
             np.copyto(out, acc)
         if dtype.storage == out.dtype:
             return out
-        with np.errstate(over="ignore"):
-            cast = self.kernels.from_acc(out, dtype, dest, finite=not self.allow_nonfinite)
+        with np.errstate(over="ignore"):  # the scratch chunk is free now: the bf16 rounding's work space
+            cast = self.kernels.from_acc(out, dtype, dest, finite=not self.allow_nonfinite,
+                                         scratch=self._scratch.view(np.uint32) if n <= self._scratch.size else None)
         if narrowing and not self.allow_nonfinite and not _fits(cast, dtype):
             peak = float(np.abs(out).max())
             raise NonFiniteError(f"tensor {narrowing!r}: the average reaches {peak:.4g}, beyond {dtype.torch_name}'s "

@@ -227,8 +227,11 @@ def _parallel(plan: _Series, readers: Mapping[int, CheckpointReader], tensors: S
             local.st32 = RunningAverage(chunk, np.float32, allow_nonfinite=allow_nonfinite, kernels=kern)
             local.avg = np.empty(chunk, np.float64)
             local.spare = []
+            # each input's chunk is converted into the ring (or written) before the next is read: one buffer
+            local.buffer = np.empty(chunk * max(t.dtype.itemsize for t in tensors), np.uint8)
         with np.errstate(over="ignore", invalid="ignore"):
-            plan.chunk(info, s0, n, (readers[j].read(info.name, s0, n) for j in plan.needed), local.st, local.avg,
+            raws = (readers[j].read_into(local.buffer, info.name, s0, n) for j in plan.needed)
+            plan.chunk(info, s0, n, raws, local.st, local.avg,
                        lambda step, name, at, v: sinks[step].write(name, at, v), on_bytes, local.spare, local.st32)
 
     tasks = (partial(work, info, s0, n) for info in tensors for s0, n in spans(info.numel, chunk))

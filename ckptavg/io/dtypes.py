@@ -83,14 +83,16 @@ def bf16_to_f32(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def f32_to_bf16(x: np.ndarray, out: np.ndarray | None = None, *, finite: bool = False) -> np.ndarray:
+def f32_to_bf16(x: np.ndarray, out: np.ndarray | None = None, *, finite: bool = False,
+                scratch: np.ndarray | None = None) -> np.ndarray:
     """float32 -> bf16 bit patterns (uint16), rounding to nearest even as torch does; NaN stays NaN.
 
-    Five in-place passes over one scratch array (into ``out`` if given, else a new array);
-    ``finite``: the caller knows ``x`` holds no NaN (it has checked), which skips the NaN pass.
+    Five in-place passes over one uint32 ``scratch`` (of at least ``x.size``; default a new
+    array), into ``out`` if given, else a new array. ``finite``: the caller knows ``x`` holds no
+    NaN (it has checked), which skips the NaN pass.
     """
     u = x.view(np.uint32)
-    r = np.right_shift(u, 16)
+    r = np.right_shift(u, 16, out=None if scratch is None else scratch[: u.size])
     np.bitwise_and(r, 1, out=r)
     np.add(r, 0x7FFF, out=r)
     np.add(r, u, out=r)  # wraps only for NaN payloads, fixed below
@@ -160,13 +162,16 @@ def to_accumulator(raw: np.ndarray, dtype: DType, out: np.ndarray) -> np.ndarray
     return out
 
 
-def from_accumulator(acc: np.ndarray, dtype: DType, out: np.ndarray | None = None, *, finite: bool = False) -> np.ndarray:
+def from_accumulator(acc: np.ndarray, dtype: DType, out: np.ndarray | None = None, *, finite: bool = False,
+                     scratch: np.ndarray | None = None) -> np.ndarray:
     """Accumulator values -> raw stored values of ``dtype`` (into ``out`` if given, else a new
-    array); ``finite``: ``acc`` is known to hold no NaN."""
+    array); ``finite``: ``acc`` is known to hold no NaN; ``scratch``: a uint32 buffer of at least
+    ``acc.size`` the bf16 rounding may use."""
     if dtype.name in FP8_TABLES:
         res = f32_to_fp8(acc, dtype.name)
     elif dtype.name == "BF16":
-        return f32_to_bf16(acc if acc.dtype == np.float32 else acc.astype(np.float32), out, finite=finite)
+        return f32_to_bf16(acc if acc.dtype == np.float32 else acc.astype(np.float32), out, finite=finite,
+                           scratch=scratch)
     elif out is not None:
         np.copyto(out, acc, casting="unsafe")
         return out

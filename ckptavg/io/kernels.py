@@ -44,10 +44,11 @@ class Kernels:
         return to_accumulator(raw, dtype, out)
 
     def from_acc(self, acc: np.ndarray, dtype: DType, out: np.ndarray | None = None, *,
-                 finite: bool = False) -> np.ndarray:
+                 finite: bool = False, scratch: np.ndarray | None = None) -> np.ndarray:
         """Accumulator values → raw stored values of ``dtype``, into ``out`` (else a new array);
-        ``finite``: ``acc`` is known to hold no NaN/Inf."""
-        return from_accumulator(acc, dtype, out, finite=finite)
+        ``finite``: ``acc`` is known to hold no NaN/Inf; ``scratch``: a uint32 buffer of at least
+        ``acc.size`` it may use."""
+        return from_accumulator(acc, dtype, out, finite=finite, scratch=scratch)
 
     def pin(self) -> int:
         """Run this thread's conversions on one core; returns what :meth:`unpin` restores."""
@@ -85,7 +86,7 @@ class TorchKernels(Kernels):
         return to_accumulator(raw, dtype, out)
 
     def from_acc(self, acc: np.ndarray, dtype: DType, out: np.ndarray | None = None, *,
-                 finite: bool = False) -> np.ndarray:
+                 finite: bool = False, scratch: np.ndarray | None = None) -> np.ndarray:
         if dtype.name == "BF16" and acc.dtype == np.float64:  # numpy's way too: fp64 → fp32, then rounded to bf16
             acc = acc.astype(np.float32)
         if dtype.name in _HALF and acc.dtype == np.float32:  # (fp64 → fp16 is one rounding in numpy: left to it)
