@@ -246,10 +246,11 @@ def stream(
     summed with weight 1 and divided once, as ``torch.stack(xs).mean(0)`` does.
 
     ``threads`` > 1 (default: the CPUs this process may use): that many workers, each owning whole
-    chunks end to end (read every input's chunk, add, check, cast, ``pwrite``); at most
-    ``2 × threads`` chunks are in flight, so memory is about ``2 × threads × (k + 2)`` chunks,
-    independent of the model. Every chunk is computed the same way whoever computes it: the
-    output is bit-identical for any thread count.
+    ``MERGE_CHUNK`` chunks end to end, block by ``CHUNK_ELEMS`` block (read every input's block,
+    add, check, cast), then one ``pwrite``; each worker holds a block of every input, its sum and
+    scratch, and a chunk of output (:func:`ckptavg.preflight.memory_bound`), independent of the
+    model. One thread: 256K chunks, with a reader and a writer thread beside this one. Every chunk
+    is computed the same way whoever computes it: the output is bit-identical for any thread count.
 
     ``kernels``: who converts bf16/fp16 ↔ fp32, ``numpy``, ``torch`` or ``auto`` (torch for fp16
     jobs from 1 GiB read, for bf16 ones from 16 GiB per thread; see :mod:`ckptavg.io.kernels`).
