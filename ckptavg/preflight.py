@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import CHUNK_ELEMS, MERGE_CHUNK, PREFETCH, WRITE_DEPTH
+from .engine import CHUNK_ELEMS, MERGE_CHUNK, PREFETCH, ROW_GROUP, WRITE_DEPTH
 from .io.dtypes import DType
 from .io.kernels import worth_torch
 from .pipeline import available_cpus
@@ -68,11 +68,13 @@ def memory_bound(k: int, in_itemsize: int, out_itemsize: int, accumulate_itemsiz
     ahead (plus the one being added): one raw chunk per input each; every accumulator dtype keeps
     ``WRITE_DEPTH + 2`` running sums, each a sum and a converted scratch chunk; the writer holds up to
     ``WRITE_DEPTH + 1`` output chunks. ``threads`` workers (chunks of ``MERGE_CHUNK``, added in
-    blocks of ``CHUNK_ELEMS``): each holds a block of every input, the block's sum, a converted
-    scratch and a cast's scratch (4 bytes an element), and its chunk of output.
+    blocks of ``CHUNK_ELEMS``): each holds a block of every input, up to ``ROW_GROUP + 1`` converted
+    blocks, the block's sum and scratch, and its chunk of output.
     """
     if threads > 1:
-        return threads * (CHUNK_ELEMS * (k * in_itemsize + 2 * accumulate_itemsize + 4) + MERGE_CHUNK * out_itemsize)
+        converted = min(k, ROW_GROUP) + 1
+        return threads * (CHUNK_ELEMS * (k * in_itemsize + (converted + 2) * accumulate_itemsize)
+                          + MERGE_CHUNK * out_itemsize)
     reads = (PREFETCH + 1) * k * CHUNK_ELEMS * in_itemsize
     sums = (WRITE_DEPTH + 2) * 2 * CHUNK_ELEMS * accumulate_itemsize
     writes = (WRITE_DEPTH + 1) * CHUNK_ELEMS * out_itemsize

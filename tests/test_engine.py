@@ -321,3 +321,37 @@ def test_outputs_reach_the_disk_before_they_appear(make_run, tmp_path, monkeypat
     events.clear()
     ckptavg.average(ckptavg.discover(root), tmp_path / "fast", fsync=False, progress=False)
     assert not [e for e in events if e[0] == "fsync"]
+
+
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+@pytest.mark.parametrize("name", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("k", [1, 2, 4, 5, 9])
+def test_rows_summed_at_once_give_the_bits_of_adding_one_by_one(acc, name, k):
+    """RunningAverage.add_rows (k inputs converted in one call, summed by grouped reductions)
+    against add() input by input: -0.0, NaN, Inf, overflow and mixed magnitudes, uniform and
+    weighted, with groups smaller than k (the sum so far leads each later group)."""
+    import numpy as np
+
+    from ckptavg.io.dtypes import DTYPES
+    from ckptavg.io.kernels import NUMPY
+
+    rng = np.random.default_rng(k)
+    dt, n = DTYPES[name], 3000
+    x = (rng.standard_normal((k, n)) * 10.0 ** rng.integers(-4, 4, (k, 1))).astype(np.float32)
+    x[:, :5] = -0.0
+    x[0, 5] = 0.0
+    x[:, 6] = np.inf
+    x[k // 2, 7] = np.nan
+    x[:, 8] = 6e4 if name == "F16" else 3e38  # overflows the sum
+    raws = NUMPY.from_acc(x, dt) if name != "F32" else x
+    # weights as numpy float64 and as Python floats: numpy promotes the two differently (NEP 50)
+    for weights in ([1.0] * k, list(rng.uniform(0.1, 2.0, k)), [float(w) for w in rng.uniform(0.1, 2.0, k)]):
+        one, rows = engine.RunningAverage(n, acc), engine.RunningAverage(n, acc)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for r, w in zip(raws, weights):
+                one.add(r, dt, w)
+            rows.add_rows(np.ascontiguousarray(raws), dt, weights, np.empty(3 * n, acc))  # groups of 3 (2 + the sum)
+        view = np.uint32 if acc == "float32" else np.uint64
+        diff = np.flatnonzero(one.sum.view(view) != rows.sum.view(view))
+        assert diff.size == 0, (diff[:5], one.sum[diff[:3]], rows.sum[diff[:3]], weights[:2])
+        assert rows.norm == one.norm and len(rows.members) == k

@@ -48,13 +48,23 @@ def big_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+def _bound_growth_mb() -> float:
+    """What the engine may add from K_SMALL to K_LARGE fp32 inputs on the default thread count:
+    a block of each extra input per worker (a few MiB; holding whole inputs would add 128 MiB)."""
+    from ckptavg.pipeline import available_cpus
+    from ckptavg.preflight import memory_bound
+
+    n = available_cpus()
+    return (memory_bound(K_LARGE, 4, 4, 4, n) - memory_bound(K_SMALL, 4, 4, 4, n)) / 2**20
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_peak_rss_flat_from_2_to_10_inputs(big_runs, tmp_path, fmt):
     rss = {}
     for k in (K_SMALL, K_LARGE):
         rss[k] = peak_rss_mb([sys.executable, "-m", "ckptavg", "merge", str(big_runs[fmt]), "--window", str(k),
                               "-o", str(tmp_path / f"out{k}"), "-q"])
-    assert rss[K_LARGE] - rss[K_SMALL] < MARGIN_MB, rss
+    assert rss[K_LARGE] - rss[K_SMALL] < _bound_growth_mb() + MARGIN_MB, rss
 
 
 _ITER = """

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import ckptavg
 from ckptavg.cli import cli
-from ckptavg.engine import CHUNK_ELEMS
+from ckptavg.engine import CHUNK_ELEMS, ROW_GROUP
 from ckptavg.preflight import memory_bound, preflight
 
 
@@ -48,10 +48,11 @@ def test_memory_bound_grows_with_inputs_not_with_the_model(make_run):
     small = preflight(list(traj.window(2)), "o", threads=1).memory_bytes
     big = preflight(list(traj.window(5)), "o", threads=1).memory_bytes
     assert big - small == memory_bound(5, 4, 4, 4) - memory_bound(2, 4, 4, 4) == 3 * 5 * CHUNK_ELEMS * 4
-    # Workers: each holds one chunk of every input, so three more inputs cost 3 chunks per worker.
+    # Workers: each holds one block of every input, and converts up to ROW_GROUP of them at once,
+    # so three more inputs cost 3 raw blocks and 2 converted ones (4 → capped at ROW_GROUP) per worker.
     small = preflight(list(traj.window(2)), "o", threads=4).memory_bytes
     big = preflight(list(traj.window(5)), "o", threads=4).memory_bytes
-    assert big - small == 4 * 3 * CHUNK_ELEMS * 4 and preflight(list(traj.window(5)), "o", threads=4).threads == 4
+    assert ROW_GROUP == 4 and big - small == 4 * (3 + 2) * CHUNK_ELEMS * 4 and preflight(list(traj.window(5)), "o", threads=4).threads == 4
     # The bound is the same for a model 1000x larger: it depends on chunks, not tensors.
     assert memory_bound(5, 2, 2) < 64 * 2**20
 
