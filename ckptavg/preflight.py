@@ -33,6 +33,7 @@ class Preflight:
     format: str = "hf"  # what is written (--format); not hf: the whole model is held in memory once
     threads: int = 1  # workers, each owning whole chunks
     kernels: str = "numpy"  # who converts bf16/fp16: torch (importing it adds ~225 MB beyond the buffers) or numpy
+    cached_bytes: int | None = None  # of read_bytes, in the page cache now (Linux; None: unknown, or not downloaded)
 
     @property
     def fits(self) -> bool | None:
@@ -49,6 +50,16 @@ def _input_bytes(c: Checkpoint) -> int:
     if c.source is not None and not c.files:  # hf:// before download: the Hub lists the sizes
         return sum(f.size for f in c.source.weights)
     return sum(os.path.getsize(f) for f in c.files)
+
+
+def _cached(checkpoints: Sequence[Checkpoint]) -> int | None:
+    """Bytes of the inputs in the page cache (mincore on a mapping: no data read); None when
+    some input is not local yet (Hub) or the system cannot tell."""
+    if any(not c.files for c in checkpoints):
+        return None
+    from .io.residency import cached_bytes
+
+    return cached_bytes(f for c in checkpoints for f in c.files)
 
 
 def _free(out: Path) -> int | None:
@@ -126,6 +137,7 @@ def preflight(checkpoints: Sequence[Checkpoint], out: str | os.PathLike[str], ou
         format=output_format,
         threads=threads,
         kernels=kernels,
+        cached_bytes=_cached(checkpoints),
     )
 
 

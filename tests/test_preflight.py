@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections import namedtuple
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -65,3 +68,38 @@ def test_an_output_that_cannot_fit_is_flagged(make_run, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "free at the output: 10 B — NOT ENOUGH for the output" in r.output
     assert "reads " in r.output and "holds at most" in r.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise are Linux's")
+def test_preflight_says_how_much_of_the_inputs_is_in_the_page_cache(make_run, tmp_path):
+    """Evicted inputs (fsync, then fadvise DONTNEED) count as not cached; once read, as cached.
+    Asking reads no data: the dry run leaves an evicted file evicted."""
+    from ckptavg.io.residency import resident_bytes
+
+    root, _ = make_run("safetensors", steps=(1, 2))
+    files = [f for c in ckptavg.discover(root) for f in c.files]
+    total = sum(os.path.getsize(f) for f in files)
+
+    def evict() -> None:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    def dry() -> dict:
+        r = CliRunner().invoke(cli, ["merge", str(root), "--window", "2", "-o", str(tmp_path / "o"), "--dry-run", "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["preflight"]
+
+    for f in files:
+        Path(f).read_bytes()
+    pf = dry()
+    assert pf["cached_bytes"] == total == pf["read_bytes"]  # whole pages, capped at each file's size
+    evict()
+    if not all(resident_bytes(f) < os.path.getsize(f) // 2 for f in files):
+        pytest.skip("this filesystem keeps the pages (tmpfs?): nothing to tell apart")
+    assert dry()["cached_bytes"] < total // 2
+    assert all(resident_bytes(f) < os.path.getsize(f) // 2 for f in files)  # the dry run read nothing
+    r = CliRunner().invoke(cli, ["merge", str(root), "--window", "2", "-o", str(tmp_path / "o"), "--dry-run"])
+    assert "of it in the page cache: the rest comes from the disk" in r.output

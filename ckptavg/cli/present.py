@@ -35,7 +35,11 @@ def step_source_note(traj: Sequence[Any]) -> str | None:
 
 def preflight_report(pf: Mapping[str, Any]) -> str:
     """``merge --dry-run``'s cost lines, from :meth:`ckptavg.preflight.Preflight.to_dict`."""
-    lines = [f"reads {human_bytes(pf['read_bytes'])} from {pf['inputs']} checkpoints, each file once",
+    cached = pf.get("cached_bytes")
+    where = "" if cached is None else (
+        f" ({human_bytes(cached)} of it in the page cache: "
+        + ("reads at memory speed)" if cached >= pf["read_bytes"] else "the rest comes from the disk)"))
+    lines = [f"reads {human_bytes(pf['read_bytes'])} from {pf['inputs']} checkpoints, each file once{where}",
              "writes " + (human_bytes(pf["write_bytes"]) if pf["write_bytes"] is not None else "an unknown size (Hub .bin: "
                           "tensors are known after download)"),
              f"holds at most {human_bytes(pf['memory_bytes'])} of buffers ({pf.get('threads', 1)} threads) beyond the "
