@@ -173,16 +173,7 @@ class RunningAverage:
     def recompute(self, inputs: Iterable[tuple[Any, np.ndarray, DType, float]]) -> None:
         """The sum again from scratch, from (key, raw values, dtype, weight) of the current members."""
         self.reset(self.n)
-        items = list(inputs)
-        if len(items) >= 2 and all(w == 1.0 and raw.dtype == self.sum.dtype for _, raw, _, w in items[:2]):
-            # already in the sum's dtype (a converted ring): the first two in one pass, the bits of
-            # copying the first and adding the second
-            (k0, r0, _, _), (k1, r1, _, _) = items[:2]
-            np.add(r0, r1, out=self.sum[: len(r0)])
-            self._note(k0, 1.0, 1)
-            self._note(k1, 1.0, 1)
-            items = items[2:]
-        for key, raw, dtype, weight in items:
+        for key, raw, dtype, weight in inputs:
             self.add(raw, dtype, weight, key)
         self._updates = 0
 
@@ -360,7 +351,7 @@ def _stream_serial(
                 st = state(info, produced)
                 produced += 1
                 raws = (next(reads) for _ in active)
-                values = _average_chunk(st, raws, [1.0 if uniform else weights[i] for i in active], info, n, out_dt,
+                values = average_chunk(st, raws, [1.0 if uniform else weights[i] for i in active], info, n, out_dt,
                                         cast, allow_nonfinite, on_bytes, partial(exact, info, start, n, cast))
                 out.write(info.name, start, values)
         out.flush()
@@ -418,7 +409,7 @@ def _stream_parallel(
                 else:  # through the readers, one input at a time (DCP, ZeRO … return fresh arrays)
                     blocks = (readers[i].read_into(rows, info.name, start + s, m) for i in active)
                 dest = out[s : s + m]
-                values = _average_chunk(st, blocks, w, info, m, out_dt, cast, allow_nonfinite,
+                values = average_chunk(st, blocks, w, info, m, out_dt, cast, allow_nonfinite,
                                         on_bytes, partial(_exact, readers, active, weights, uniform, info, start + s, m,
                                                           out_dt, cast), dest=dest, scratch=conv)
                 if values is not dest:  # no cast (the average itself), or an fp64 redo
@@ -438,7 +429,8 @@ def _extents(readers: Sequence[CheckpointReader], active: Sequence[int], info: T
     if not info.dtype.floating or any(readers[i].tensors[info.name].dtype != info.dtype for i in active):
         return None
     where = [readers[i].extent(info.name) for i in active]
-    return None if any(w is None for w in where) else where  # type: ignore[return-value]
+    found = [w for w in where if w is not None]
+    return found if len(found) == len(where) else None
 
 
 def _read_rows(rows: np.ndarray, where: Sequence[Extent], info: TensorInfo, start: int, n: int) -> np.ndarray:
@@ -454,7 +446,7 @@ def _read_rows(rows: np.ndarray, where: Sequence[Extent], info: TensorInfo, star
     return rows[: len(where) * size].view(info.dtype.storage).reshape(len(where), n)
 
 
-def _average_chunk(st: RunningAverage, raws: Iterable[np.ndarray], weights: Sequence[float], info: TensorInfo,
+def average_chunk(st: RunningAverage, raws: Iterable[np.ndarray], weights: Sequence[float], info: TensorInfo,
                    n: int, out_dt: DType, cast: str, allow_nonfinite: bool,
                    on_bytes: Callable[[int], object] | None, exact: Callable[[], np.ndarray],
                    dest: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
@@ -489,4 +481,5 @@ def _exact(readers: Sequence[CheckpointReader], active: Sequence[int], weights: 
     return st.emit(out_dt, narrowing=cast)
 
 
-__all__ = ["ACCUMULATORS", "CHUNK_ELEMS", "MERGE_CHUNK", "RunningAverage", "available_cpus", "pinned", "stream"]
+__all__ = ["ACCUMULATORS", "CHUNK_ELEMS", "MERGE_CHUNK", "RunningAverage", "available_cpus", "average_chunk", "pinned",
+           "stream"]

@@ -6,7 +6,8 @@ converted once into a ring that keeps the chunks later targets still need. A tar
 the ring in fp32 exactly as ``merge`` sums its inputs, so it is bit-identical to ``merge`` of the
 same checkpoints; wider uniform windows keep an fp64 :class:`~ckptavg.engine.RunningAverage`
 (add the newest, subtract the oldest, recomputed exactly when it may have drifted), and EMA one
-fp64 recursion over the whole run. Each target's chunk goes to its own sink at its offset. With ``threads`` > 1, workers own whole chunks (all inputs, all targets of
+fp64 recursion over the whole run. Each target's chunk goes to its own sink at its offset.
+With ``threads`` > 1, workers own whole chunks (all inputs, all targets of
 that span), as in :func:`ckptavg.engine.stream`; every chunk is computed the same way whoever
 computes it, so the outputs are bit-identical for any thread count.
 """
@@ -22,7 +23,7 @@ from functools import partial
 import numpy as np
 
 from . import engine
-from .engine import PREFETCH, WRITE_DEPTH, RunningAverage, narrows, pinned
+from .engine import PREFETCH, WRITE_DEPTH, RunningAverage, average_chunk, narrows, pinned
 from .io.dtypes import DTYPES, DType
 from .io.kernels import Kernels, choose
 from .io.readers import CheckpointReader
@@ -139,15 +140,16 @@ class _Series:
         out_dt = self.out_dtypes[info.name]
         cast = info.name if narrows(info.dtype, out_dt) else ""
         uniform = len(set(t.weights)) == 1
-        members = [(m, ring[m], self.ring_dtype, 1.0 if uniform else w) for m, w in zip(t.inputs, t.weights)]
-        st.reset(n)
-        st.recompute(members)
-        if st.allow_nonfinite or st.finite():
-            out = st.emit(out_dt, narrowing=cast, checked=True)
-        else:  # NaN/Inf in an input is named; finite inputs whose fp32 sum overflowed get their fp64 average
-            exact = RunningAverage(n, np.float64)
-            exact.recompute(members)
-            out = exact.emit(out_dt, where=self.message(info, t), narrowing=cast)
+        weights = [1.0 if uniform else w for w in t.weights]
+
+        def exact() -> np.ndarray:  # NaN/Inf in an input is named; finite inputs whose fp32 sum overflowed: fp64
+            ex = RunningAverage(n, np.float64)
+            ex.recompute((m, ring[m], self.ring_dtype, w) for m, w in zip(t.inputs, weights))
+            return ex.emit(out_dt, where=self.message(info, t), narrowing=cast)
+
+        ring_info = TensorInfo(info.name, self.ring_dtype, info.shape)  # the ring holds converted values
+        out = average_chunk(st, [ring[m] for m in t.inputs], weights, ring_info, n, out_dt, cast, st.allow_nonfinite,
+                            None, exact)
         write(t.step, info.name, s0, out.copy() if np.shares_memory(out, st.sum) else out)
 
 
