@@ -83,10 +83,9 @@ def _init(rank, world, port):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def train(rank, world, out, port):
-    """world ranks, all tensor-parallel; a checkpoint every 2 of 8 iterations, as Megatron's trainer lays them out."""
-    from megatron.core import dist_checkpointing
-
+def _train(rank, world, port):
+    """Megatron's GPT on world tensor-parallel ranks, 8 AdamW iterations; yields (iteration, model,
+    optimizer) every 2, where Megatron's trainer saves."""
     _init(rank, world, port)
     model = _model(world)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -100,16 +99,29 @@ def train(rank, world, out, port):
         loss.backward()
         opt.step()
         if it % 2 == 0:
-            d = os.path.join(out, f"iter_{it:07d}")
-            os.makedirs(d, exist_ok=True)
-            # what megatron/training/checkpointing.py saves for --ckpt-format torch_dist (model, no optimizer)
-            state = {"model": model.sharded_state_dict(), "iteration": it, "checkpoint_version": 3.0,
-                     "args": argparse.Namespace(tensor_model_parallel_size=world, iteration=it)}
-            dist_checkpointing.save(state, d)
-            torch.distributed.barrier()
-            if rank == 0:
-                with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
-                    f.write(str(it))
+            yield it, model, opt
+
+
+def _saved(rank, out, it):
+    """After every rank has saved iteration ``it``: rank 0 records it as Megatron does."""
+    torch.distributed.barrier()
+    if rank == 0:
+        with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(it))
+
+
+def train(rank, world, out, port):
+    """world ranks, all tensor-parallel; a checkpoint every 2 of 8 iterations, as Megatron's trainer lays them out."""
+    from megatron.core import dist_checkpointing
+
+    for it, model, _ in _train(rank, world, port):
+        d = os.path.join(out, f"iter_{it:07d}")
+        os.makedirs(d, exist_ok=True)
+        # what megatron/training/checkpointing.py saves for --ckpt-format torch_dist (model, no optimizer)
+        state = {"model": model.sharded_state_dict(), "iteration": it, "checkpoint_version": 3.0,
+                 "args": argparse.Namespace(tensor_model_parallel_size=world, iteration=it)}
+        dist_checkpointing.save(state, d)
+        _saved(rank, out, it)
 
 
 def train_legacy(rank, world, out, port):
@@ -122,34 +134,19 @@ def train_legacy(rank, world, out, port):
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
 
-    _init(rank, world, port)
-    model = _model(world)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    mask = torch.triu(torch.ones(1, 1, 8, 8), diagonal=1).bool()
-    pos = torch.arange(8).unsqueeze(0).expand(2, 8)
     args = argparse.Namespace(model_type=ModelType.encoder_or_decoder, tensor_model_parallel_size=world,
                               params_dtype=torch.float32, ckpt_format="torch", lr=1e-2)
-    for it in range(1, 9):
-        tok = torch.randint(0, 64, (2, 8), generator=g)
-        loss = model(tok, pos, attention_mask=mask, labels=tok).float().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if it % 2 == 0:
-            tp = parallel_state.get_tensor_model_parallel_rank()
-            d = os.path.join(out, f"iter_{it:07d}", f"mp_rank_{tp:02d}")
-            os.makedirs(d, exist_ok=True)
-            rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-                    "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}]
-            state = {"args": args, "checkpoint_version": 3.0, "iteration": it,
-                     "model": model.state_dict_for_save_checkpoint(), "optimizer": opt.state_dict(),
-                     "opt_param_scheduler": {"max_lr": 1e-2, "num_steps": it * 2}, "rng_state": rng}
-            torch.save(state, os.path.join(d, "model_optim_rng.pt"))
-            torch.distributed.barrier()
-            if rank == 0:
-                with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
-                    f.write(str(it))
+    for it, model, opt in _train(rank, world, port):
+        tp = parallel_state.get_tensor_model_parallel_rank()
+        d = os.path.join(out, f"iter_{it:07d}", f"mp_rank_{tp:02d}")
+        os.makedirs(d, exist_ok=True)
+        rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}]
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": it,
+                 "model": model.state_dict_for_save_checkpoint(), "optimizer": opt.state_dict(),
+                 "opt_param_scheduler": {"max_lr": 1e-2, "num_steps": it * 2}, "rng_state": rng}
+        torch.save(state, os.path.join(d, "model_optim_rng.pt"))
+        _saved(rank, out, it)
 
 
 def load(out_file, folders, averaged):
