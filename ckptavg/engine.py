@@ -31,7 +31,7 @@ from .io.kernels import NUMPY, Kernels, choose
 from .io.readers import CheckpointReader, Extent
 from .io.safetensors import TensorInfo, pread_into
 from .io.sinks import Sink
-from .pipeline import WriteBehind, available_cpus, prefetch, spans
+from .pipeline import WriteBehind, available_cpus, each, prefetch, spans
 
 CHUNK_ELEMS = 1 << 18  # 256K elements (1 MiB fp32, 2 MiB fp64): the k chunks of a series ring stay in cache; measured faster than 64K or 1M for series
 ROW_GROUP = 4  # inputs converted and summed per reduction (more inputs: more groups): 5 converted blocks at most
@@ -78,8 +78,10 @@ class RunningAverage:
         self.norm, self._updates = 0.0, 0
         self.members = set()
 
-    def _put(self, raw: np.ndarray, dtype: DType, weight: float, sign: int, fresh: bool, at: int) -> None:
+    def _put(self, raw: np.ndarray, dtype: DType, weight: float, sign: int, fresh: bool, at: int,
+             scratch: np.ndarray | None = None) -> None:
         acc = self.sum[at : at + len(raw)]
+        scratch = self._scratch if scratch is None else scratch
         if fresh:  # the first input is converted straight into the sum: no zeroing pass
             self.kernels.to_acc(raw, dtype, acc)
             if weight != 1.0:
@@ -92,9 +94,9 @@ class RunningAverage:
                 with np.errstate(invalid="ignore"):  # inf - inf: the NaN guard at emit names the input
                     np.subtract(acc, raw, out=acc)
             return
-        for s in range(0, len(raw), len(self._scratch)):
-            part = raw[s : s + len(self._scratch)]
-            x = self.kernels.to_acc(part, dtype, self._scratch[: len(part)])
+        for s in range(0, len(raw), len(scratch)):
+            part = raw[s : s + len(scratch)]
+            x = self.kernels.to_acc(part, dtype, scratch[: len(part)])
             if weight != 1.0:
                 x *= weight
             if sign > 0:
@@ -151,18 +153,23 @@ class RunningAverage:
         self._note(key, weight, -1)
 
     @contextmanager
-    def input(self, key: Any, weight: float = 1.0, sign: int = 1) -> Iterator[Callable[[np.ndarray, DType, int], None]]:
+    def input(self, key: Any, weight: float = 1.0, sign: int = 1) -> Iterator[Callable[..., None]]:
         """Add (``sign=1``) or remove (``-1``) one input given in parts: ``put(raw, dtype, offset)``
         for each part; the input counts as a member once the block ends. Every element of the sum
-        must be covered by the parts of an input that starts an empty sum."""
+        must be covered by the parts of an input that starts an empty sum. Parts may be put from
+        several threads at once if each passes its own ``scratch`` (a chunk of the sum's dtype):
+        ``put(raw, dtype, offset, scratch)``; the arithmetic is per element, so the bits do not
+        depend on how the input was cut."""
         fresh = sign > 0 and not self.members
-        yield lambda raw, dtype, at: self._put(raw, dtype, weight, sign, fresh, at)
+        yield lambda raw, dtype, at, scratch=None: self._put(raw, dtype, weight, sign, fresh, at, scratch)
         self._note(key, weight, sign)
 
-    def decay(self, factor: float) -> None:
-        """EMA: every input so far counts ``factor`` times less (sum and normaliser alike)."""
+    def decay(self, factor: float, threads: int = 1) -> None:
+        """EMA: every input so far counts ``factor`` times less (sum and normaliser alike), the sum
+        cut in ``MERGE_CHUNK`` spans over ``threads`` threads (same bits for any count)."""
         if self.members:
-            self.sum[: self.n] *= factor
+            each((partial(np.multiply, self.sum[a : a + m], factor, out=self.sum[a : a + m])
+                  for a, m in spans(self.n, MERGE_CHUNK)), threads)
             self.norm *= factor
 
     @property
@@ -183,7 +190,7 @@ class RunningAverage:
 
     def emit(self, dtype: DType, into: np.ndarray | None = None, where: Callable[[], str] | None = None,
              at: int = 0, n: int | None = None, *, narrowing: str = "", checked: bool = False,
-             dest: np.ndarray | None = None) -> np.ndarray:
+             dest: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
         """The average of elements [at, at+n) (default: all in use) as raw values of ``dtype``.
 
         Args:
@@ -196,6 +203,8 @@ class RunningAverage:
             checked: the caller has just seen :meth:`finite` hold (skips a second pass).
             dest: where the cast values go (``n`` raw values of ``dtype``); default a new array.
                 Unused when no cast is needed: the average itself is returned.
+            scratch: a buffer of at least ``n`` elements of the sum's dtype the cast may use
+                (default this average's own chunk of scratch: one thread at a time).
 
         Raises:
             NonFiniteError: the span holds NaN/Inf and ``allow_nonfinite`` is off, or a finite
@@ -212,9 +221,10 @@ class RunningAverage:
             np.copyto(out, acc)
         if dtype.storage == out.dtype:
             return out
+        work = self._scratch if scratch is None else scratch
         with np.errstate(over="ignore"):  # the scratch chunk is free now: the bf16 rounding's work space
             cast = self.kernels.from_acc(out, dtype, dest, finite=not self.allow_nonfinite,
-                                         scratch=self._scratch.view(np.uint32) if n <= self._scratch.size else None)
+                                         scratch=work[:n].view(np.uint32) if n <= work.size else None)
         if narrowing and not self.allow_nonfinite and not _fits(cast, dtype):
             peak = float(np.abs(out).max())
             raise NonFiniteError(f"tensor {narrowing!r}: the average reaches {peak:.4g}, beyond {dtype.torch_name}'s "
@@ -416,11 +426,8 @@ def _stream_parallel(
                     dest[...] = values
         sink.write(info.name, start, out)
 
-    tasks = (partial(work, info, start, n, where) for info in plan
-             for where in [_extents(readers, active, info)] for start, n in spans(info.numel, chunk))
-    with ThreadPoolExecutor(threads, thread_name_prefix="ckptavg-work") as pool:
-        for _ in prefetch(tasks, pool, 2 * threads):
-            pass
+    each((partial(work, info, start, n, where) for info in plan
+          for where in [_extents(readers, active, info)] for start, n in spans(info.numel, chunk)), threads)
 
 
 def _extents(readers: Sequence[CheckpointReader], active: Sequence[int], info: TensorInfo) -> list[Extent] | None:

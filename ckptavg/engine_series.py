@@ -29,7 +29,7 @@ from .io.kernels import Kernels, choose
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo
 from .io.sinks import Sink
-from .pipeline import WriteBehind, available_cpus, prefetch, spans
+from .pipeline import WriteBehind, available_cpus, each, prefetch, spans
 
 
 @dataclass(frozen=True)
@@ -236,10 +236,7 @@ def _parallel(plan: _Series, readers: Mapping[int, CheckpointReader], tensors: S
             plan.chunk(info, s0, n, raws, local.st, local.avg,
                        lambda step, name, at, v: sinks[step].write(name, at, v), on_bytes, local.spare, local.st32)
 
-    tasks = (partial(work, info, s0, n) for info in tensors for s0, n in spans(info.numel, chunk))
-    with ThreadPoolExecutor(threads, thread_name_prefix="ckptavg-work") as pool:
-        for _ in prefetch(tasks, pool, 2 * threads):
-            pass
+    each((partial(work, info, s0, n) for info in tensors for s0, n in spans(info.numel, chunk)), threads)
 
 
 __all__ = ["AFRESH_MAX", "Target", "accumulator", "afresh", "stream_series"]

@@ -31,6 +31,17 @@ def prefetch(tasks: Iterable[Callable[[], T]], pool: ThreadPoolExecutor, depth: 
         yield fut.result()
 
 
+def each(tasks: Iterable[Callable[[], object]], threads: int) -> None:
+    """Run ``tasks`` on ``threads`` threads (one: here, in order); the first failure, in task order, is raised."""
+    if threads <= 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="ckptavg-work") as pool:
+        for _ in prefetch(tasks, pool, 2 * threads):
+            pass
+
+
 class WriteBehind:
     """Hands ``sink.write`` calls to a thread so writing (``pwrite`` into the page cache, as
     costly as the arithmetic) overlaps the next chunk's reads and adds. At most ``depth`` writes
@@ -71,4 +82,4 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-__all__ = ["WriteBehind", "available_cpus", "prefetch", "spans"]
+__all__ = ["WriteBehind", "available_cpus", "each", "prefetch", "spans"]

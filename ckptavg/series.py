@@ -11,13 +11,15 @@ at its offset in that target's pre-sized output file. Memory is O(k × chunk); b
 pass over the inputs whatever k.
 
 ``iter_series`` yields in-memory state dicts one target at a time, checkpoint-major, with one
-model-sized fp32 :class:`~ckptavg.engine.RunningAverage` (see its docstring for the memory bound).
+model-sized fp32 :class:`~ckptavg.engine.RunningAverage` (see its docstring for the memory bound),
+workers taking spans of each checkpoint folded in and of each output.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -29,16 +31,18 @@ import numpy as np
 from . import manifest as _manifest
 from . import sources
 from .averaging import ensure_tensors, finish_directory, input_paths
-from .engine import CHUNK_ELEMS, RunningAverage, narrows
+from .engine import CHUNK_ELEMS, MERGE_CHUNK, RunningAverage, narrows, pinned
 from .engine_series import Target, accumulator, stream_series
 from .errors import NonFiniteError, OutputError, OutputExistsError, UsageError
 from .io.dtypes import DType, parse_dtype, to_torch
+from .io.kernels import choose
 from .io.layout import is_complete_output, weights_stem
 from .io.lock import output_lock
 from .io.readers import CheckpointReader
 from .io.safetensors import TensorInfo, parse_size
 from .io.sinks import SafetensorsDirSink, begin_directory, check_inputs, commit_directory, public_error, remove_entry
 from .keys import strip_plan
+from .pipeline import available_cpus, each, spans
 from .selection import Selection, with_legacy
 from .targets import WEIGHTED, ema_factors, plan, series_params
 from .trajectory import Checkpoint, Trajectory, check_compatible
@@ -304,6 +308,7 @@ def iter_series(
     dtype: str | None = None,
     allow_nonfinite: bool = False,
     allow_duplicates: bool = False,
+    threads: int | None = None,
     **legacy: Any,
 ) -> Iterator[tuple[Target, dict[str, torch.Tensor]]]:
     """Yield ``(target, state_dict)`` for every target of the series, in step order, in memory.
@@ -311,6 +316,9 @@ def iter_series(
     Memory: one fp32 running sum of the model's floating tensors (4 bytes per parameter) plus the
     state dict being yielded (the model in the output dtype); reading is chunked, so nothing else
     grows with the model. Drop each state dict before taking the next to stay at that bound.
+    ``threads`` workers (default: the CPUs this process may use) each take 1M-element spans of
+    every input added or removed and of every output; the arithmetic is per element, so the state
+    dicts are bit-identical for any thread count.
     Uniform windows read each input twice (in, then out of the window; more often only when the
     running sum is recomputed exactly after 2k updates), EMA once.
 
@@ -320,6 +328,9 @@ def iter_series(
     """
     traj = trajectory
     sel = with_legacy(selection, "iter_series", **legacy)
+    threads = available_cpus() if threads is None else threads
+    if threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
     how: dict[str, Any] = dict(half_life_tokens=half_life_tokens, tokens_per_step=tokens_per_step, schedule=schedule,
                                sigma_rel=sigma_rel)
     targets = plan(traj, sel, method=method, decay=decay, half_life=half_life, **how, partial=partial,
@@ -332,26 +343,55 @@ def iter_series(
     size = 0
     for info in floats:
         offsets[info.name], size = size, size + info.numel
-    st = RunningAverage(size, np.float32, allow_nonfinite=allow_nonfinite)  # the whole model, flat: 4 B/parameter
+    # torch is imported anyway (the state dicts are torch tensors): its conversions, same bits as numpy's
+    kern = choose(0, set(), "torch")
+    st = RunningAverage(size, np.float32, allow_nonfinite=allow_nonfinite, kernels=kern)  # the whole model, flat
     factors = ema_factors(traj, {"decay": decay, "half_life": half_life, **how}) if method == "ema" else None
+    local = threading.local()  # a worker's buffers: a raw chunk, a converted one, an average
+    itemsize = max((t.dtype.itemsize for t in floats), default=1)
+
+    def mine() -> Any:
+        if not hasattr(local, "raw"):
+            kern.pin()  # the worker's torch ops on one core: parallelism is ours
+            local.raw = np.empty(CHUNK_ELEMS * itemsize, np.uint8)
+            local.scratch, local.avg = np.empty(CHUNK_ELEMS, np.float32), np.empty(CHUNK_ELEMS, np.float32)
+        return local
 
     def fold(j: int, sign: int = 1, weight: float = 1.0) -> None:
-        """Add (+1) or remove (-1) checkpoint j with ``weight``, tensor by tensor, chunk by chunk."""
+        """Add (+1) or remove (-1) checkpoint j with ``weight``, workers taking 1M-element spans."""
         with CheckpointReader(ckpts[j].files, ckpts[j].format, str(ckpts[j]), key=ckpts[j].key) as r, \
                 st.input(j, weight, sign) as put:
-            for info in floats:
-                for s0 in range(0, info.numel, CHUNK_ELEMS):
-                    put(r.read(info.name, s0, min(CHUNK_ELEMS, info.numel - s0)), info.dtype, offsets[info.name] + s0)
+            def part(info: TensorInfo, s0: int, n: int) -> None:
+                b = mine()
+                for s, m in spans(n, CHUNK_ELEMS):
+                    put(r.read_into(b.raw, info.name, s0 + s, m), info.dtype, offsets[info.name] + s0 + s, b.scratch)
+            each((functools.partial(part, info, s0, n) for info in floats for s0, n in spans(info.numel, MERGE_CHUNK)),
+                 threads)
 
-    buf = np.empty(CHUNK_ELEMS, np.float32)
+    def emit(t: Target, info: TensorInfo, vals: np.ndarray, s0: int, n: int) -> None:
+        """Elements [s0, s0+n) of target ``t``'s ``info`` into ``vals``."""
+        b = mine()
+        dt = out_dtype or info.dtype
+        where = functools.partial(_nonfinite, info.name, traj[t.inputs[0]].step, t.step)
+        cast = info.name if narrows(info.dtype, dt) else ""
+        for s, m in spans(n, CHUNK_ELEMS):
+            dest = vals[s0 + s : s0 + s + m]
+            try:
+                res = st.emit(dt, b.avg, where, at=offsets[info.name] + s0 + s, n=m, narrowing=cast, dest=dest,
+                              scratch=b.scratch)
+            except NonFiniteError:  # finite inputs whose fp32 sum overflowed, or a NaN/Inf input
+                res = _exact_chunk(ckpts, t, info, s0 + s, m, dt, cast)
+            if res is not dest:
+                dest[...] = res
+
     last = -1  # ema: index of the newest checkpoint folded in
     for t in targets:
         # Overflow and inf - inf are reported by emit's NaN/Inf check, naming the tensor. The state is
         # left before each yield: the caller's numpy settings are not ours to change.
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"), pinned(kern):
             if factors is not None:
                 for j in range(last + 1, t.index + 1):
-                    st.decay(factors[j])
+                    st.decay(factors[j], threads)
                     fold(j)
                 last = t.index
             elif method in WEIGHTED:  # weights differ per target: the window afresh, weighted
@@ -368,24 +408,17 @@ def iter_series(
                     for j in t.inputs:
                         fold(j)
             sd: dict[str, torch.Tensor] = {}
+            vals = {info.name: np.empty(info.numel, (out_dtype or info.dtype).storage) for info in floats}
+            each((functools.partial(emit, t, info, vals[info.name], s0, n) for info in floats
+                  for s0, n in spans(info.numel, MERGE_CHUNK)), threads)
             with CheckpointReader(ckpts[t.index].files, ckpts[t.index].format, str(ckpts[t.index]),
                                   key=ckpts[t.index].key) as r:
                 for info in ref.values():
-                    if not info.dtype.floating:
+                    if info.dtype.floating:
+                        sd[info.name] = to_torch(vals[info.name], out_dtype or info.dtype, info.shape)
+                    else:
                         sd[info.name] = to_torch(r.read(info.name), info.dtype, info.shape)
-                        continue
-                    dt = out_dtype or info.dtype
-                    where = functools.partial(_nonfinite, info.name, traj[t.inputs[0]].step, t.step)
-                    cast = info.name if narrows(info.dtype, dt) else ""
-                    vals = np.empty(info.numel, dt.storage)
-                    for s0 in range(0, info.numel, CHUNK_ELEMS):
-                        n = min(CHUNK_ELEMS, info.numel - s0)
-                        try:
-                            vals[s0 : s0 + n] = st.emit(dt, buf, where, at=offsets[info.name] + s0, n=n,
-                                                        narrowing=cast)
-                        except NonFiniteError:  # finite inputs whose fp32 sum overflowed, or a NaN/Inf input
-                            vals[s0 : s0 + n] = _exact_chunk(ckpts, t, info, s0, n, dt, cast)
-                    sd[info.name] = to_torch(vals, dt, info.shape)
+            del vals
         yield t, sd
 
 

@@ -214,3 +214,46 @@ def test_nonfinite_input_is_refused_naming_the_target(make_run, tmp_path):
     assert not [p for p in (tmp_path / "s").iterdir()]  # no output, complete or temporary
     res = series(ckptavg.discover(root), tmp_path / "s", Selection(window=2), allow_nonfinite=True, progress=False)
     assert torch.isinf(load_file(res[1].path / "model.safetensors")["x"][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_iter_series_is_bit_identical_for_any_thread_count(make_run, monkeypatch, dtype):
+    """Workers take spans of every fold and every output (uniform add/remove, EMA decay, weighted
+    windows); each element's arithmetic is the same whoever does it. Small spans: many per tensor
+    (and big enough that numpy lets go of the GIL), so a buffer shared between workers would show
+    as differing bits."""
+    import threading
+
+    from ckptavg import series as series_mod
+
+    big = {"big": lambda i: torch.randn(300_000, generator=torch.Generator().manual_seed(i)).to(dtype)}
+    root, states = make_run("safetensors", steps=STEPS[:7], values="random", dtype=dtype, extra=big)
+    traj = ckptavg.discover(root)
+    for mod in (series_mod, engine):
+        monkeypatch.setattr(mod, "MERGE_CHUNK", 16384)
+    monkeypatch.setattr(series_mod, "CHUNK_ELEMS", 4096)
+    readers: set[int] = set()
+    real = CheckpointReader.read_into
+
+    def spy(self, *a, **k):
+        readers.add(threading.get_ident())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CheckpointReader, "read_into", spy)
+    recipes = {"window": dict(selection=Selection(window=3)), "ema": dict(method="ema", decay=0.7),
+               "wsm": dict(selection=Selection(window=3), method="wsm", schedule="1-sqrt")}
+    for name, kw in recipes.items():
+        got = {}
+        for threads in (1, 3):
+            readers.clear()
+            got[threads] = [(t.step, sd) for t, sd in iter_series(traj, threads=threads, **kw)]
+            assert len(readers) == (1 if threads == 1 else 3), (name, threads)  # the workers did read
+        assert [s for s, _ in got[1]] == [s for s, _ in got[3]]
+        for (step, one), (_, three) in zip(got[1], got[3]):
+            for n in one:
+                assert one[n].dtype == dtype and torch.equal(one[n].view(torch.int16), three[n].view(torch.int16)), (name, step, n)
+        if name == "window":  # and the values are the windows' means
+            for i, (step, sd) in enumerate(got[3], start=2):
+                for n, t in sd.items():
+                    want = sum(states[s][n].double() for s in STEPS[i - 2 : i + 1]) / 3
+                    torch.testing.assert_close(t.double(), want.to(dtype).double(), rtol=1e-2, atol=0)
