@@ -147,6 +147,13 @@ class RunningAverage:
                 self._note(None, w, 1)
             done += take
 
+    def add_pair(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Start an empty sum as ``a + b``, two inputs of weight 1 already in the sum's dtype: one
+        pass where :meth:`add` twice copies, then adds (the same bits)."""
+        np.add(a, b, out=self.sum[: len(a)])
+        self._note(None, 1.0, 1)
+        self._note(None, 1.0, 1)
+
     def remove(self, raw: np.ndarray, dtype: DType, weight: float = 1.0, key: Any = None) -> None:
         """Take out input ``key``, added before with the same ``weight``."""
         self._put(raw, dtype, weight, -1, False, 0)
@@ -456,11 +463,15 @@ def _read_rows(rows: np.ndarray, where: Sequence[Extent], info: TensorInfo, star
 def average_chunk(st: RunningAverage, raws: Iterable[np.ndarray], weights: Sequence[float], info: TensorInfo,
                    n: int, out_dt: DType, cast: str, allow_nonfinite: bool,
                    on_bytes: Callable[[int], object] | None, exact: Callable[[], np.ndarray],
-                   dest: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+                   dest: np.ndarray | None = None, scratch: np.ndarray | None = None,
+                   pair: Sequence[np.ndarray] = ()) -> np.ndarray:
     """One chunk: every input's raw values (``raws``, in ``weights``' order: an iterable, or a
     (k, n) array whose rows are summed at once into ``scratch``) added into ``st``, then the
-    average in ``out_dt``; ``exact()`` redoes it in fp64 when the sum is not finite."""
+    average in ``out_dt``; ``exact()`` redoes it in fp64 when the sum is not finite. ``pair``: two
+    inputs of weight 1 already in the accumulator's dtype that come before ``raws``, summed in one pass."""
     st.reset(n)
+    if pair:
+        st.add_pair(*pair)
     if isinstance(raws, np.ndarray) and scratch is not None:
         if on_bytes:
             on_bytes(raws.nbytes)

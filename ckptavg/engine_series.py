@@ -82,11 +82,12 @@ class _Series:
 
     def chunk(self, info: TensorInfo, s0: int, n: int, raws: Iterator[np.ndarray], st: RunningAverage,
               avg: np.ndarray, write: Write, on_bytes: Callable[[int], object] | None, spare: list[np.ndarray],
-              st32: RunningAverage) -> None:
+              st32: RunningAverage, dest: np.ndarray | None = None) -> None:
         """Elements [s0, s0+n) of ``info`` for every target; ``raws`` yields the needed inputs' chunks in order.
         ``st``: the fp64 running sum, ``st32``: the fp32 one for targets summed afresh. ``spare``: this
         thread's chunk buffers for the ring, reused from chunk to chunk (a fresh 2 MiB array per
-        input per chunk costs the kernel a page fault per 4 KiB)."""
+        input per chunk costs the kernel a page fault per 4 KiB). ``dest``: a byte buffer for
+        afresh targets' cast values, when ``write`` is done with them on return (else new arrays)."""
         out_dt = self.out_dtypes[info.name]
         cast = info.name if narrows(info.dtype, out_dt) else ""
 
@@ -118,7 +119,7 @@ class _Series:
             if target is None:
                 continue
             if self.afresh[j]:
-                self._afresh(info, s0, n, target, ring, st32, write)
+                self._afresh(info, s0, n, target, ring, st32, write, dest)
             else:
                 for m in sorted(set(target.inputs) - st.members):
                     st.add(ring[m], self.ring_dtype, key=m)
@@ -134,9 +135,10 @@ class _Series:
 
 
     def _afresh(self, info: TensorInfo, s0: int, n: int, t: Target, ring: Mapping[int, np.ndarray],
-                st: RunningAverage, write: Write) -> None:
+                st: RunningAverage, write: Write, dest: np.ndarray | None) -> None:
         """Target ``t``'s chunk summed afresh from the ring in fp32, as merge sums it (uniform
-        weights as 1, divided once); an fp32 sum of finite inputs that overflows is redone in fp64."""
+        weights as 1, divided once); an fp32 sum of finite inputs that overflows is redone in fp64.
+        ``dest``: a byte buffer the cast values may go to (written before it is reused), else a new array."""
         out_dt = self.out_dtypes[info.name]
         cast = info.name if narrows(info.dtype, out_dt) else ""
         uniform = len(set(t.weights)) == 1
@@ -148,8 +150,12 @@ class _Series:
             return ex.emit(out_dt, where=self.message(info, t), narrowing=cast)
 
         ring_info = TensorInfo(info.name, self.ring_dtype, info.shape)  # the ring holds converted values
-        out = average_chunk(st, [ring[m] for m in t.inputs], weights, ring_info, n, out_dt, cast, st.allow_nonfinite,
-                            None, exact)
+        rows = [ring[m] for m in t.inputs]
+        # the first two in one pass when they need no conversion (merge's -0.0 + a + b: the same bits)
+        pair = rows[:2] if uniform and len(rows) > 1 and self.ring_dtype.storage == st.sum.dtype else []
+        out = average_chunk(st, rows[len(pair):], weights[len(pair):], ring_info, n, out_dt, cast, st.allow_nonfinite,
+                            None, exact, dest=None if dest is None else dest[: n * out_dt.itemsize].view(out_dt.storage),
+                            pair=pair)
         write(t.step, info.name, s0, out.copy() if np.shares_memory(out, st.sum) else out)
 
 
@@ -231,10 +237,12 @@ def _parallel(plan: _Series, readers: Mapping[int, CheckpointReader], tensors: S
             local.spare = []
             # each input's chunk is converted into the ring (or written) before the next is read: one buffer
             local.buffer = np.empty(chunk * max(t.dtype.itemsize for t in tensors), np.uint8)
+            local.out = np.empty(chunk * max(d.itemsize for d in plan.out_dtypes.values()), np.uint8)  # written at once
         with np.errstate(over="ignore", invalid="ignore"):
             raws = (readers[j].read_into(local.buffer, info.name, s0, n) for j in plan.needed)
             plan.chunk(info, s0, n, raws, local.st, local.avg,
-                       lambda step, name, at, v: sinks[step].write(name, at, v), on_bytes, local.spare, local.st32)
+                       lambda step, name, at, v: sinks[step].write(name, at, v), on_bytes, local.spare, local.st32,
+                       local.out)
 
     each((partial(work, info, s0, n) for info in tensors for s0, n in spans(info.numel, chunk)), threads)
 
