@@ -148,11 +148,10 @@ class RunningAverage:
             done += take
 
     def add_pair(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Start an empty sum as ``a + b``, two inputs of weight 1 already in the sum's dtype: one
-        pass where :meth:`add` twice copies, then adds (the same bits)."""
+        """Start an empty sum as ``a + b`` (weight 1, the sum's dtype): :meth:`add` twice in one pass."""
         np.add(a, b, out=self.sum[: len(a)])
-        self._note(None, 1.0, 1)
-        self._note(None, 1.0, 1)
+        for _ in (a, b):
+            self._note(None, 1.0, 1)
 
     def remove(self, raw: np.ndarray, dtype: DType, weight: float = 1.0, key: Any = None) -> None:
         """Take out input ``key``, added before with the same ``weight``."""
@@ -163,17 +162,15 @@ class RunningAverage:
     def input(self, key: Any, weight: float = 1.0, sign: int = 1) -> Iterator[Callable[..., None]]:
         """Add (``sign=1``) or remove (``-1``) one input given in parts: ``put(raw, dtype, offset)``
         for each part; the input counts as a member once the block ends. Every element of the sum
-        must be covered by the parts of an input that starts an empty sum. Parts may be put from
-        several threads at once if each passes its own ``scratch`` (a chunk of the sum's dtype):
-        ``put(raw, dtype, offset, scratch)``; the arithmetic is per element, so the bits do not
-        depend on how the input was cut."""
+        must be covered by the parts of an input that starts an empty sum. Threads may put parts at
+        once, each with its own ``scratch`` (a chunk of the sum's dtype): ``put(raw, dtype, offset,
+        scratch)``; per-element arithmetic, so the bits do not depend on the cut."""
         fresh = sign > 0 and not self.members
         yield lambda raw, dtype, at, scratch=None: self._put(raw, dtype, weight, sign, fresh, at, scratch)
         self._note(key, weight, sign)
 
     def decay(self, factor: float, threads: int = 1) -> None:
-        """EMA: every input so far counts ``factor`` times less (sum and normaliser alike), the sum
-        cut in ``MERGE_CHUNK`` spans over ``threads`` threads (same bits for any count)."""
+        """EMA: every input so far counts ``factor`` times less (sum and normaliser), on ``threads``."""
         if self.members:
             each((partial(np.multiply, self.sum[a : a + m], factor, out=self.sum[a : a + m])
                   for a, m in spans(self.n, MERGE_CHUNK)), threads)
