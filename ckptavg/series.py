@@ -363,8 +363,10 @@ def iter_series(
                 st.input(j, weight, sign) as put:
             def part(info: TensorInfo, s0: int, n: int) -> None:
                 b = mine()
-                for s, m in spans(n, CHUNK_ELEMS):
-                    put(r.read_into(b.raw, info.name, s0 + s, m), info.dtype, offsets[info.name] + s0 + s, b.scratch)
+                with np.errstate(over="ignore", invalid="ignore"):  # per thread: emit's NaN/Inf check reports them
+                    for s, m in spans(n, CHUNK_ELEMS):
+                        put(r.read_into(b.raw, info.name, s0 + s, m), info.dtype, offsets[info.name] + s0 + s,
+                            b.scratch)
             each((functools.partial(part, info, s0, n) for info in floats for s0, n in spans(info.numel, MERGE_CHUNK)),
                  threads)
 
@@ -377,8 +379,9 @@ def iter_series(
         for s, m in spans(n, CHUNK_ELEMS):
             dest = vals[s0 + s : s0 + s + m]
             try:
-                res = st.emit(dt, b.avg, where, at=offsets[info.name] + s0 + s, n=m, narrowing=cast, dest=dest,
-                              scratch=b.scratch)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    res = st.emit(dt, b.avg, where, at=offsets[info.name] + s0 + s, n=m, narrowing=cast, dest=dest,
+                                  scratch=b.scratch)
             except NonFiniteError:  # finite inputs whose fp32 sum overflowed, or a NaN/Inf input
                 res = _exact_chunk(ckpts, t, info, s0 + s, m, dt, cast)
             if res is not dest:

@@ -259,18 +259,20 @@ def _run_of(tmp_path, values: dict[int, dict[str, torch.Tensor]]):
     return ckptavg.discover(tmp_path / "run")
 
 
-def test_finite_inputs_whose_fp32_sum_overflows_still_average_exactly(tmp_path):
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the overflow is expected and handled: no warning, on any thread
+@pytest.mark.parametrize("threads", [1, 2])
+def test_finite_inputs_whose_fp32_sum_overflows_still_average_exactly(tmp_path, threads):
     big = torch.tensor([3e38, -3e38, 1.0, 3.4e38])
     traj = _run_of(tmp_path, {1: {"w": big}, 2: {"w": big.clone()}, 3: {"w": big * 0.5}})
-    got = ckptavg.average(traj, progress=False)["w"]  # the fp32 running sum reaches 7.5e38: inf
+    got = ckptavg.average(traj, progress=False, threads=threads)["w"]  # the fp32 running sum reaches 7.5e38: inf
     assert torch.isfinite(got).all()
     assert torch.equal(got, torch.stack([big.double(), big.double(), (big * 0.5).double()]).mean(0).float())
     from ckptavg.series import iter_series, series
 
     # The in-memory and on-disk series too: their fp32 sums overflow the same way.
-    [(_, sd)] = list(iter_series(traj, Selection(window=3)))
+    [(_, sd)] = list(iter_series(traj, Selection(window=3), threads=threads))
     assert torch.equal(sd["w"], got)
-    [o] = series(traj, tmp_path / "s", Selection(window=3), progress=False)
+    [o] = series(traj, tmp_path / "s", Selection(window=3), progress=False, threads=threads)
     assert torch.equal(load_file(o.path / "model.safetensors")["w"], got)
 
 
