@@ -221,6 +221,7 @@ DS_TRAIN = textwrap.dedent("""
         engine.backward(engine(torch.randn(2, 8)).pow(2).mean())
         engine.step()
         engine.save_checkpoint(sys.argv[1], tag=f"global_step{step}")
+    torch.distributed.destroy_process_group()  # a clean exit: gloo's threads down before the interpreter's
 """)
 
 
