@@ -7,9 +7,9 @@ the ring in fp32 exactly as ``merge`` sums its inputs, so it is bit-identical to
 same checkpoints; wider uniform windows keep an fp64 :class:`~ckptavg.engine.RunningAverage`
 (add the newest, subtract the oldest, recomputed exactly when it may have drifted), and EMA one
 fp64 recursion over the whole run. Each target's chunk goes to its own sink at its offset.
-With ``threads`` > 1, workers own whole chunks (all inputs, all targets of
-that span), as in :func:`ckptavg.engine.stream`; every chunk is computed the same way whoever
-computes it, so the outputs are bit-identical for any thread count.
+With ``threads`` > 1, workers own whole chunks (all inputs, all targets of that span), as in
+:func:`ckptavg.engine.stream`; every chunk is computed the same way whoever computes it, so the
+outputs are bit-identical for any thread count.
 """
 
 from __future__ import annotations

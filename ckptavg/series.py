@@ -35,7 +35,7 @@ from .engine import CHUNK_ELEMS, MERGE_CHUNK, RunningAverage, narrows, pinned
 from .engine_series import Target, accumulator, stream_series
 from .errors import NonFiniteError, OutputError, OutputExistsError, UsageError
 from .io.dtypes import DType, parse_dtype, to_torch
-from .io.kernels import choose
+from .io.kernels import TorchKernels
 from .io.layout import is_complete_output, weights_stem
 from .io.lock import output_lock
 from .io.readers import CheckpointReader
@@ -344,7 +344,7 @@ def iter_series(
     for info in floats:
         offsets[info.name], size = size, size + info.numel
     # torch is imported anyway (the state dicts are torch tensors): its conversions, same bits as numpy's
-    kern = choose(0, set(), "torch")
+    kern = TorchKernels()
     st = RunningAverage(size, np.float32, allow_nonfinite=allow_nonfinite, kernels=kern)  # the whole model, flat
     factors = ema_factors(traj, {"decay": decay, "half_life": half_life, **how}) if method == "ema" else None
     local = threading.local()  # a worker's buffers: a raw chunk, a converted one, an average
